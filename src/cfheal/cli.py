@@ -1,0 +1,162 @@
+"""The cfheal command line: check, run (with --dry-run), validate."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from . import __version__
+from ._logging import configure_logging
+from ._render import print_json, render_plan, render_report
+from .config import Config, load_config
+from .controller import Controller, RunReport, is_fault, start_report
+from .errors import CfhealError, ConfigError
+from .policy import Plan, Playbook, load_playbook
+from .state import record_run, run_lock
+
+EXIT_OK = 0
+EXIT_FAULT = 1
+EXIT_BAD_INPUT = 2
+
+_config_option = click.option("-c", "--config", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Configuration file (YAML).")
+_output_option = click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Result format on stdout.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="cfheal")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True, help="Log lines on stderr: JSON, readable, or JSON unless stderr is a terminal.")
+@click.option("--debug", is_flag=True, help="Log debug events, including those of paramiko, docker and websockets.")
+def main(log_format: str, debug: bool) -> None:
+    """Heal WebSocket services whose Cloudflare edge hit its concurrent-connection limit."""
+    configure_logging(log_format, debug=debug)
+
+
+@main.command()
+@_config_option
+def validate(config_path: Path) -> None:
+    """Check the configuration and its playbook, and exit non-zero if either is invalid."""
+    config, playbook = _load(config_path)
+    click.echo(f"{config_path}: valid; playbook {playbook.name!r} ({config.playbook}); {len(config.hosts)} host(s)")
+
+
+@main.command()
+@_config_option
+@_output_option
+def check(config_path: Path, output: str) -> None:
+    """Detect and verify; change nothing. Exit 1 when a fault is found."""
+    config, playbook = _load(config_path)
+    console = Console(stderr=output == "json")
+    report = start_report("check")
+
+    controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
+    _guard(lambda: controller.check(report))
+    report.outcome = "checked"
+    _save(config, report)
+
+    _show(console, report, output)
+    unverified = any(not host.verified for host in report.hosts)
+    sys.exit(EXIT_FAULT if is_fault(report.diagnosis) or unverified else EXIT_OK)
+
+
+@main.command()
+@_config_option
+@_output_option
+@click.option("--dry-run", is_flag=True, help="Detect, verify and print the plan; restart nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Execute the plan without asking for confirmation.")
+def run(config_path: Path, output: str, dry_run: bool, yes: bool) -> None:
+    """Detect, verify, show the plan, and after confirmation restart the backends and confirm."""
+    config, playbook = _load(config_path)
+    if not dry_run and not yes and not sys.stdin.isatty():
+        _fail("stdin is not a terminal, so the plan cannot be confirmed; pass --yes to execute it, or --dry-run to only see it", EXIT_BAD_INPUT)
+
+    console = Console(stderr=output == "json")
+    report = start_report("run --dry-run" if dry_run else "run")
+    controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
+    stop = threading.Event()
+
+    def confirm(plan: Plan) -> bool:
+        render_plan(console, plan)
+        console.print("[dim]Ctrl-C during the rollout stops it after the batch in flight.[/]")
+        return yes or click.confirm("Execute this plan?", default=False, err=output == "json")
+
+    if dry_run:
+        _guard(lambda: controller.run(report, dry_run=True, confirm=confirm, should_stop=stop.is_set))
+    else:
+        with _stop_on_interrupt(stop, console), run_lock(config.state_dir):
+            _guard(lambda: controller.run(report, dry_run=False, confirm=confirm, should_stop=stop.is_set))
+    _save(config, report)
+
+    _show(console, report, output)
+    sys.exit(_run_exit_code(report))
+
+
+def _run_exit_code(report: RunReport) -> int:
+    if report.outcome in ("recovered", "planned"):
+        return EXIT_OK
+    if report.outcome == "no_action" and not is_fault(report.diagnosis):
+        return EXIT_OK
+    return EXIT_FAULT
+
+
+class _stop_on_interrupt:
+    """First Ctrl-C or SIGTERM asks the rollout to stop after the batch in flight; a second Ctrl-C quits."""
+
+    def __init__(self, stop: threading.Event, console: Console) -> None:
+        self._stop = stop
+        self._console = console
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_stop_on_interrupt":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop.set()
+        self._console.print("[bold yellow]Stopping after the batch in flight; no new batch will start. Ctrl-C again quits at once.[/]")
+
+
+def _load(config_path: Path) -> tuple[Config, Playbook]:
+    try:
+        config = load_config(config_path)
+        playbook = load_playbook(config.playbook)
+    except ConfigError as error:
+        _fail(str(error), EXIT_BAD_INPUT)
+    return config, playbook
+
+
+def _guard(action) -> None:
+    try:
+        action()
+    except CfhealError as error:
+        _fail(str(error), EXIT_FAULT)
+
+
+def _save(config: Config, report: RunReport) -> None:
+    try:
+        record_run(config.state_dir, report.to_dict())
+    except (CfhealError, OSError) as error:
+        click.echo(f"warning: run {report.run_id} was not recorded in {config.state_dir}: {error}", err=True)
+
+
+def _show(console: Console, report: RunReport, output: str) -> None:
+    if output == "json":
+        print_json(report)
+    else:
+        render_report(console, report)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
