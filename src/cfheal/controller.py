@@ -122,7 +122,7 @@ class Controller:
         log.info("plan_built", act=report.plan.act, reason=report.plan.reason, batches=[[t.label for t in batch] for batch in report.plan.batches])
 
         if not report.plan.act:
-            self._finish(report, "no_action", report.plan.reason)
+            self._finish(report, "aborted" if report.plan.blocked else "no_action", report.plan.reason)
             return
         if dry_run:
             self._finish(report, "planned", "dry run: the plan above was not executed")

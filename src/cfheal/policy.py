@@ -103,6 +103,8 @@ class Plan:
     act: bool
     reason: str
     playbook: str
+    # True when the diagnosis called for action but verification stopped it.
+    blocked: bool = False
     batches: list[list[RestartTarget]] = field(default_factory=list)
     step: RollingRestart | None = None
     confirm: Confirmation | None = None
@@ -115,7 +117,7 @@ def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbo
 
     blocker = _verification_blocker(reports, playbook)
     if blocker:
-        return Plan(False, blocker, playbook.name)
+        return Plan(False, blocker, playbook.name, blocked=True)
 
     step = playbook.steps[0]
     targets = [
@@ -125,7 +127,7 @@ def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbo
     ]
     batches = [targets[start : start + step.max_unavailable] for start in range(0, len(targets), step.max_unavailable)]
     reason = f"{diagnosis.kind}: every host verified; rolling restart of {len(targets)} container(s) in {len(batches)} batch(es)"
-    return Plan(True, reason, playbook.name, batches, step, playbook.confirm)
+    return Plan(True, reason, playbook.name, batches=batches, step=step, confirm=playbook.confirm)
 
 
 def _verification_blocker(reports: list[HostReport], playbook: Playbook) -> str | None:
