@@ -52,7 +52,7 @@ def _render_diagnosis(console: Console, report: RunReport) -> None:
         table.add_column(column)
     for result in diagnosis.edge + list(diagnosis.origins.values()):
         answer = str(result.status) if result.status is not None else str(result.outcome)
-        table.add_row(result.target, result.url, answer, str(result.duration_ms), (result.detail or "")[:60])
+        table.add_row(result.target, result.url, answer, str(result.duration_ms), (result.detail or "")[:40])
     console.print(table)
 
 
@@ -60,7 +60,7 @@ def _render_hosts(console: Console, report: RunReport) -> None:
     if not report.hosts:
         return
     table = Table(title="Hosts (verified over SSH)", title_justify="left")
-    for column in ("host", "container", "state", "restarts", "started", "log errors", "connections", "verified"):
+    for column in ("host", "container", "state", "restarts", "started (UTC)", "log errors", "connections", "verified"):
         table.add_column(column)
     for host in report.hosts:
         if host.error:
@@ -69,7 +69,7 @@ def _render_hosts(console: Console, report: RunReport) -> None:
         for container in host.containers:
             connections = "?" if container.established_connections is None else str(container.established_connections)
             errors = f"[red]{container.log_errors}[/]" if container.log_errors else "0"
-            table.add_row(host.host, container.name, container.state, str(container.restart_count), container.started_at[:19], errors, connections, "[green]yes[/]")
+            table.add_row(host.host, container.name, container.state, str(container.restart_count), container.started_at[11:19], errors, connections, "[green]yes[/]")
     console.print(table)
 
 

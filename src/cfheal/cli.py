@@ -50,12 +50,13 @@ def validate(config_path: Path) -> None:
 def check(config_path: Path, output: str) -> None:
     """Detect and verify; change nothing. Exit 1 when a fault is found."""
     config, playbook = _load(config_path)
-    console = Console(stderr=output == "json")
+    console = _console(output)
     report = start_report("check")
 
     controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
     _guard(lambda: controller.check(report))
     report.outcome = "checked"
+    report.reason = report.diagnosis.reason
     _save(config, report)
 
     _show(console, report, output)
@@ -74,7 +75,7 @@ def run(config_path: Path, output: str, dry_run: bool, yes: bool) -> None:
     if not dry_run and not yes and not sys.stdin.isatty():
         _fail("stdin is not a terminal, so the plan cannot be confirmed; pass --yes to execute it, or --dry-run to only see it", EXIT_BAD_INPUT)
 
-    console = Console(stderr=output == "json")
+    console = _console(output)
     report = start_report("run --dry-run" if dry_run else "run")
     controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
     stop = threading.Event()
@@ -125,6 +126,12 @@ class _stop_on_interrupt:
             raise KeyboardInterrupt
         self._stop.set()
         self._console.print("[bold yellow]Stopping after the batch in flight; no new batch will start. Ctrl-C again quits at once.[/]")
+
+
+def _console(output: str) -> Console:
+    # With --output json, stdout carries only the JSON object, so progress goes to stderr.
+    stream = sys.stderr if output == "json" else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 120)
 
 
 def _load(config_path: Path) -> tuple[Config, Playbook]:

@@ -10,7 +10,6 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from ._threads import map_in_threads
 from .config import Config
 from .containers import Engine
 from .diagnosis import Diagnosis, DiagnosisKind, diagnose, summarize_probes
@@ -87,10 +87,15 @@ class Controller:
         """Probe the edge and every origin, then diagnose."""
         edge = self.config.edge
         targets = origin_targets(self.config.hosts)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="detect") as pool:
-            edge_future = pool.submit(probe_edge, edge.url, count=edge.probes, spacing=edge.spacing, timeout=edge.connect_timeout)
-            origin_future = pool.submit(probe_origins, targets, timeout=self.config.origins.connect_timeout)
-            edge_results, origin_results = edge_future.result(), origin_future.result()
+        edge_results, origin_results = map_in_threads(
+            lambda probe: probe(),
+            [
+                lambda: probe_edge(edge.url, count=edge.probes, spacing=edge.spacing, timeout=edge.connect_timeout),
+                lambda: probe_origins(targets, timeout=self.config.origins.connect_timeout),
+            ],
+            max_workers=2,
+            name="detect",
+        )
 
         _log_probes(edge_results, origin_results)
         diagnosis = diagnose(edge_results, origin_results, quorum=edge.quorum)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import connect
 
-from .config import ContainerSettings, HostSettings
+from ._threads import map_in_threads
+from .config import HostSettings
 
 _BODY_PREVIEW_BYTES = 200
 _LIMIT_STATUSES = frozenset({502, 503})
@@ -130,15 +130,10 @@ def origin_targets(hosts: list[HostSettings]) -> list[OriginTarget]:
 
 def probe_origins(targets: list[OriginTarget], *, timeout: float) -> dict[str, ProbeResult]:
     """Probe every origin directly, in parallel; keyed by ``host/container``."""
-    if not targets:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(16, len(targets)), thread_name_prefix="origin-probe") as pool:
-        futures = {
-            target.label: pool.submit(probe_handshake, target.label, target.url, timeout=timeout)
-            for target in targets
-        }
-        return {label: future.result() for label, future in futures.items()}
-
-
-def container_origin(host: HostSettings, container: ContainerSettings) -> OriginTarget:
-    return OriginTarget(host.name, container.name, container.origin)
+    results = map_in_threads(
+        lambda target: probe_handshake(target.label, target.url, timeout=timeout),
+        targets,
+        max_workers=16,
+        name="origin-probe",
+    )
+    return {target.label: result for target, result in zip(targets, results)}

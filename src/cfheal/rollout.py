@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
 
+from ._threads import map_in_threads
 from .containers import ContainerState, Engine
 from .errors import CfhealError
 from .policy import ReadinessGate, RestartTarget, RollingRestart
@@ -80,8 +80,12 @@ def _run_batch(batch: list[RestartTarget], result: BatchResult, step: RollingRes
     started = time.monotonic()
     log.info("batch_started", batch=result.index, targets=result.targets)
 
-    with ThreadPoolExecutor(max_workers=len(batch), thread_name_prefix=f"batch-{result.index}") as pool:
-        outcomes = list(pool.map(lambda target: _restart_and_gate(target, step, engines[target.host], origin_timeout), batch))
+    outcomes = map_in_threads(
+        lambda target: _restart_and_gate(target, step, engines[target.host], origin_timeout),
+        batch,
+        max_workers=len(batch),
+        name=f"batch-{result.index}",
+    )
 
     result.restarted = [target.label for target, (restarted, _) in zip(batch, outcomes) if restarted]
     failures = [problem for _, problem in outcomes if problem]

@@ -10,13 +10,13 @@ import json
 import re
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
 
 from .config import Config, ContainerSettings, HostSettings
 from .errors import CfhealError, HostError
+from ._threads import map_in_threads
 from .hosts import HostTarget, SSHSession
 
 log = structlog.get_logger("cfheal.verify")
@@ -62,9 +62,12 @@ class LogScanSettings:
 
 def verify_hosts(config: Config, scan: LogScanSettings) -> list[HostReport]:
     """Verify every configured host in parallel; one report per host, in configuration order."""
-    with ThreadPoolExecutor(max_workers=min(16, len(config.hosts)), thread_name_prefix="verify") as pool:
-        futures = [pool.submit(verify_host, HostTarget.from_config(config, host), host, scan) for host in config.hosts]
-        return [future.result() for future in futures]
+    return map_in_threads(
+        lambda host: verify_host(HostTarget.from_config(config, host), host, scan),
+        config.hosts,
+        max_workers=16,
+        name="verify",
+    )
 
 
 def verify_host(target: HostTarget, host: HostSettings, scan: LogScanSettings) -> HostReport:
