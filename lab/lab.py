@@ -389,6 +389,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (run scripts/lab --help)\n")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="lab", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -406,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--beyond-limit", action="store_true",
         help=f"use {BEYOND_LIMIT_LIVE_CLIENTS} reconnecting clients and no stale ones, "
              "which a restart cannot fix")
-    saturate.add_argument("--max-seconds", type=int, default=3600,
+    saturate.add_argument("--max-seconds", type=positive_int, default=3600,
                           help="the swarm stops by itself after this many seconds (default 3600)")
     commands.add_parser("release", help="stop the swarm and wait until the edge returns 101")
     commands.add_parser("reset", help="return to the healthy baseline without down and up")
