@@ -373,6 +373,12 @@ def command_reset(args: argparse.Namespace) -> int:
         if host.crash_flag.exists():
             host.crash_flag.unlink()
             actions.append(f"{host.name}: crash-on-start off")
+        # A fresh container starts with empty logs, so error lines written by an earlier test
+        # cannot reach the next one's log scan.
+        api = engine.Engine(host)
+        if engine.dockerd_pid(host) is not None and api.is_responding():
+            api.remove_container()
+            actions.append(f"{host.name}: recreated {CONTAINER_NAME}")
     ensure_lab(actions.append)
     wait_for_edge(require_upgrade=True)
     summary = "; ".join(actions) if actions else "nothing to change"

@@ -29,7 +29,8 @@ def render_report(console: Console, report: RunReport) -> None:
     console.print(f"[bold]cfheal {report.command}[/]  run {report.run_id}")
     _render_diagnosis(console, report)
     _render_hosts(console, report)
-    if report.plan is not None:
+    # An executed plan was already shown before the confirmation; the rollout table replaces it.
+    if report.plan is not None and report.rollout is None:
         render_plan(console, report.plan)
     if report.rollout is not None:
         _render_rollout(console, report)
@@ -52,7 +53,7 @@ def _render_diagnosis(console: Console, report: RunReport) -> None:
         table.add_column(column)
     for result in diagnosis.edge + list(diagnosis.origins.values()):
         answer = str(result.status) if result.status is not None else str(result.outcome)
-        table.add_row(result.target, result.url, answer, str(result.duration_ms), (result.detail or "")[:40])
+        table.add_row(result.target, result.url, answer, str(result.duration_ms), " ".join((result.detail or "").split())[:40])
     console.print(table)
 
 
