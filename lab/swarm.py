@@ -254,7 +254,9 @@ class SwarmFiles:
 def swarm_pid(files: SwarmFiles) -> int | None:
     from procs import pid_from_file
 
-    return pid_from_file(files.pid_file, str(Path(__file__).resolve()))
+    # The status file path, not this script's path, marks the swarm: a swarm started from
+    # another checkout of the repository drives the same lab and must be found too.
+    return pid_from_file(files.pid_file, str(files.status_file))
 
 
 def start_swarm(files: SwarmFiles, url: str, live: int, stale: int, max_seconds: int) -> int:
@@ -286,13 +288,32 @@ def stop_swarm(files: SwarmFiles) -> bool:
     """Stop the swarm, closing all its connections, and return False when none ran."""
     from procs import remove_file, stop_processes
 
+    # A swarm whose pid file was lost (removed by another checkout's run) still holds the
+    # edge's slots, so every process marked with this lab's status file is stopped.
+    pids = set(swarm_processes(files))
     pid = swarm_pid(files)
-    if pid is None:
+    if pid is not None:
+        pids.add(pid)
+    if not pids:
         remove_file(files.pid_file)
         return False
-    stop_processes([pid], CLOSE_TIMEOUT_S + 8)
+    stop_processes(sorted(pids), CLOSE_TIMEOUT_S + 8)
     remove_file(files.pid_file)
     return True
+
+
+def swarm_processes(files: SwarmFiles) -> list[int]:
+    """Return the pids of every running swarm process that writes this lab's status file."""
+    from procs import read_cmdline
+
+    marker = str(files.status_file)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            cmdline = read_cmdline(int(entry.name))
+            if "swarm.py" in cmdline and marker in cmdline:
+                pids.append(int(entry.name))
+    return pids
 
 
 def read_swarm_status(files: SwarmFiles) -> dict[str, Any] | None:
