@@ -97,7 +97,7 @@ class TestValidate:
 
         result = cfheal("validate", "-c", str(write_config(config_dir)))
 
-        assert_clean_failure(result, "playbook.yaml", "steps[0].action", "reboot_everything", "rolling_restart")
+        assert_clean_failure(result, "playbook.yaml", "steps[0]", "reboot_everything", "rolling_restart", "plan_upgrade")
 
     def test_invalid_error_pattern_named(self, config_dir):
         playbook = yaml.safe_load(PLAYBOOK.read_text())
@@ -107,6 +107,24 @@ class TestValidate:
         result = cfheal("validate", "-c", str(write_config(config_dir)))
 
         assert_clean_failure(result, "verify.logs.error_patterns", "(unclosed")
+
+    def test_plan_upgrade_without_cloudflare_rejected(self, config_dir):
+        playbook = yaml.safe_load(PLAYBOOK.read_text())
+        playbook["steps"].append({"action": "plan_upgrade"})
+        (config_dir / "playbook.yaml").write_text(yaml.safe_dump(playbook))
+
+        result = cfheal("validate", "-c", str(write_config(config_dir)))
+
+        assert_clean_failure(result, "plan_upgrade", "cloudflare")
+
+    def test_upgrade_before_restart_rejected(self, config_dir):
+        playbook = yaml.safe_load(PLAYBOOK.read_text())
+        playbook["steps"].insert(0, {"action": "plan_upgrade"})
+        (config_dir / "playbook.yaml").write_text(yaml.safe_dump(playbook))
+
+        result = cfheal("validate", "-c", str(write_config(config_dir, cloudflare={"zone_id": "z"})))
+
+        assert_clean_failure(result, "rolling_restart must come before plan_upgrade")
 
     def test_missing_config_file(self, tmp_path):
         result = cfheal("validate", "-c", str(tmp_path / "nope.yaml"))

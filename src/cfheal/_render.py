@@ -34,6 +34,8 @@ def render_report(console: Console, report: RunReport) -> None:
         render_plan(console, report.plan)
     if report.rollout is not None:
         _render_rollout(console, report)
+    if report.upgrade_request is not None:
+        _render_upgrade_request(console, report.upgrade_request)
     if report.outcome is not None:
         style = _OUTCOME_STYLE.get(report.outcome, "bold")
         console.print(f"\nOutcome: [{style}]{report.outcome}[/]: {report.reason}")
@@ -55,6 +57,8 @@ def _render_diagnosis(console: Console, report: RunReport) -> None:
         answer = str(result.status) if result.status is not None else str(result.outcome)
         table.add_row(result.target, result.url, answer, str(result.duration_ms), " ".join((result.detail or "").split())[:40])
     console.print(table)
+    if report.cloudflare is not None:
+        console.print(f"Cloudflare: {report.cloudflare.summary()}")
 
 
 def _render_hosts(console: Console, report: RunReport) -> None:
@@ -78,6 +82,9 @@ def render_plan(console: Console, plan: Plan) -> None:
     if not plan.act:
         console.print(f"\nPlan ({plan.playbook}): nothing to do: {plan.reason}")
         return
+    if plan.kind == "plan_upgrade":
+        console.print(f"\nPlan ({plan.playbook}): {plan.reason}")
+        return
     step = plan.step
     gate = step.readiness
     console.print(f"\nPlan ({plan.playbook}): {plan.reason}")
@@ -99,3 +106,13 @@ def _render_rollout(console: Console, report: RunReport) -> None:
         style = {"passed": "green", "failed": "red"}.get(batch.outcome, "dim")
         table.add_row(str(batch.index), ", ".join(batch.targets), f"[{style}]{batch.outcome}[/]", f"{batch.duration_ms / 1000:.1f}", batch.reason)
     console.print(table)
+
+
+def _render_upgrade_request(console: Console, request: dict) -> None:
+    call = request["api_call"]
+    console.print(
+        f"\nPlan-upgrade request {request['id']} ({request['status']}): {request['zone_name']} "
+        f"{request['current_plan']['name']} -> {request['target_plan']['name']} "
+        f"({request['target_plan']['price']:g} {request['target_plan']['currency']} {request['frequency']})"
+    )
+    console.print(f"  call on approval: {call['method']} {call['path']} {json.dumps(call['body'])}")

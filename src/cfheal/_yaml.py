@@ -86,7 +86,8 @@ def _describe_validation_error(path: Path, error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key; check its spelling and where it is nested"
-        elif item["type"] != "missing" and "input" in item:
+        elif item["type"] != "missing" and not isinstance(item.get("input"), (dict, list)):
+            # Whole sections are left out: the key path already says where to look.
             message = f"{message} (got {item['input']!r})"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)

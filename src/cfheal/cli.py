@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from .controller import Controller, RunReport, is_fault, start_report
 from .errors import CfhealError, ConfigError
 from .policy import Plan, Playbook, load_playbook
 from .state import record_run, run_lock
+from .upgrades import PENDING, SUBMITTED, list_requests, load_request, render_markdown, save_request, submit_request
 
 EXIT_OK = 0
 EXIT_FAULT = 1
@@ -54,7 +56,10 @@ def check(config_path: Path, output: str) -> None:
     report = start_report("check")
 
     controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
-    _guard(lambda: controller.check(report))
+    try:
+        _guard(lambda: controller.check(report))
+    finally:
+        controller.close()
     report.outcome = "checked"
     report.reason = report.diagnosis.reason
     _save(config, report)
@@ -85,15 +90,73 @@ def run(config_path: Path, output: str, dry_run: bool, yes: bool) -> None:
         console.print("[dim]Ctrl-C during the rollout stops it after the batch in flight.[/]")
         return yes or click.confirm("Execute this plan?", default=False, err=output == "json")
 
-    if dry_run:
-        _guard(lambda: controller.run(report, dry_run=True, confirm=confirm, should_stop=stop.is_set))
-    else:
-        with _stop_on_interrupt(stop, console), run_lock(config.state_dir):
-            _guard(lambda: controller.run(report, dry_run=False, confirm=confirm, should_stop=stop.is_set))
+    try:
+        if dry_run:
+            _guard(lambda: controller.run(report, dry_run=True, confirm=confirm, should_stop=stop.is_set))
+        else:
+            with _stop_on_interrupt(stop, console), run_lock(config.state_dir):
+                _guard(lambda: controller.run(report, dry_run=False, confirm=confirm, should_stop=stop.is_set))
+    finally:
+        controller.close()
     _save(config, report)
 
     _show(console, report, output)
     sys.exit(_run_exit_code(report))
+
+
+@main.command()
+@_config_option
+@_output_option
+def requests(config_path: Path, output: str) -> None:
+    """List plan-upgrade requests, newest first."""
+    config, _ = _load(config_path)
+    found = _guard(lambda: list_requests(config.state_dir))
+    if output == "json":
+        print(json.dumps([request.to_dict() for request in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no plan-upgrade requests in {config.state_dir / 'requests'}")
+        return
+    for request in found:
+        click.echo(f"{request.id}  {request.status:<10}  {request.zone_name}: {request.current_plan['name']} -> {request.target_plan['name']}  (run {request.run_id}, {request.created_at})")
+
+
+@main.command()
+@_config_option
+@_output_option
+@click.argument("request_id")
+@click.option("--yes", "-y", is_flag=True, help="Submit without asking for confirmation.")
+def approve(config_path: Path, output: str, request_id: str, yes: bool) -> None:
+    """Submit plan-upgrade request REQUEST_ID to Cloudflare, once, after re-reading the zone's plan."""
+    config, playbook = _load(config_path)
+    if not yes and not sys.stdin.isatty():
+        _fail("stdin is not a terminal, so the purchase cannot be confirmed; pass --yes to submit it", EXIT_BAD_INPUT)
+
+    console = _console(output)
+    # The lock and the status check under it make two approvers send the purchase at most once.
+    with run_lock(config.state_dir):
+        request = _guard(lambda: load_request(config.state_dir, request_id))
+        if request.status != PENDING:
+            _fail(f"request {request.id} is {request.status} ({request.status_reason or 'no detail'}); nothing was sent", EXIT_FAULT)
+        console.print(render_markdown(request))
+        if not yes and not click.confirm(f"Send {request.api_call['method']} {request.api_call['path']} to Cloudflare?", default=False, err=output == "json"):
+            _fail("not approved; nothing was sent", EXIT_FAULT)
+
+        controller = Controller(config, playbook)
+        api = controller.cloudflare()
+        if api is None:
+            _fail(f"cannot submit: {controller.cloudflare_problem}", EXIT_FAULT)
+        try:
+            request = _guard(lambda: submit_request(api, request))
+        finally:
+            save_request(config.state_dir, request)
+            controller.close()
+
+    if output == "json":
+        print(json.dumps(request.to_dict(), indent=2))
+    else:
+        console.print(f"Request {request.id}: [bold]{request.status}[/]: {request.status_reason}")
+    sys.exit(EXIT_OK if request.status == SUBMITTED else EXIT_FAULT)
 
 
 def _run_exit_code(report: RunReport) -> int:
@@ -140,12 +203,14 @@ def _load(config_path: Path) -> tuple[Config, Playbook]:
         playbook = load_playbook(config.playbook)
     except ConfigError as error:
         _fail(str(error), EXIT_BAD_INPUT)
+    if playbook.upgrade is not None and config.cloudflare is None:
+        _fail(f"{config_path}: playbook {config.playbook} has a plan_upgrade step, but the configuration has no cloudflare section (zone_id, account_id, api_token_file)", EXIT_BAD_INPUT)
     return config, playbook
 
 
-def _guard(action) -> None:
+def _guard(action):
     try:
-        action()
+        return action()
     except CfhealError as error:
         _fail(str(error), EXIT_FAULT)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import cloudflare
@@ -19,7 +18,7 @@ import httpx
 import structlog
 from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt
 
-from ._yaml import Duration, StrictModel
+from .config import CloudflareSettings
 from .errors import CfhealError
 
 log = structlog.get_logger("cfheal.cloudflare")
@@ -32,7 +31,7 @@ _SUBSCRIPTION_NOT_FOUND_CODE = 1207
 _PERMISSIONS = {
     "verify_token": "a valid API token",
     "zone": "Zone > Zone: Read",
-    "available_plans": "Zone > Zone: Read",
+    "available_plans": "Zone > Billing: Read",
     "subscription": "Zone > Billing: Read",
     "change_plan": "Zone > Billing: Edit",
     "pool_health": "Account > Load Balancing: Monitors and Pools: Read",
@@ -54,18 +53,6 @@ query EdgeErrors($zoneTag: string, $since: Time, $until: Time) {
   }
 }
 """
-
-
-class CloudflareSettings(StrictModel):
-    zone_id: str
-    account_id: str | None = None
-    api_token_file: Path | None = None
-    base_url: str | None = None
-    timeout: Duration = 10.0
-    pools: list[str] = []
-    analytics_window: Duration = 600.0
-    read_attempts: int = 4
-    max_retry_wait: Duration = 30.0
 
 
 class CloudflareAPIError(CfhealError):
@@ -121,17 +108,24 @@ def read_token(settings: CloudflareSettings) -> str | None:
 class CloudflareAPI:
     """The calls cfheal makes to Cloudflare, with errors translated and reads retried."""
 
-    def __init__(self, settings: CloudflareSettings, token: str) -> None:
+    def __init__(self, settings: CloudflareSettings, token: str, *, http_client: httpx.Client | None = None) -> None:
         self.settings = settings
         # max_retries=0: retries are decided in this module, never by the SDK.
         self._client = cloudflare.Cloudflare(
             api_token=token,
-            api_email=None,
-            api_key=None,
             base_url=settings.base_url or os.environ.get("CLOUDFLARE_BASE_URL") or None,
             timeout=settings.timeout,
             max_retries=0,
+            http_client=http_client,
         )
+        # The SDK fills an email, a key or a service key from the environment when given None,
+        # and sends whichever it finds first in place of the token. cfheal uses the token only.
+        ignored = [name for name in ("CLOUDFLARE_EMAIL", "CLOUDFLARE_API_KEY", "CLOUDFLARE_API_USER_SERVICE_KEY") if os.environ.get(name)]
+        if ignored:
+            log.warning("cloudflare_credentials_ignored", variables=ignored, reason="cfheal authenticates with the API token only")
+        self._client.api_email = None
+        self._client.api_key = None
+        self._client.user_service_key = None
 
     def close(self) -> None:
         self._client.close()

@@ -102,6 +102,24 @@ class HostSettings(StrictModel):
         return _resolve(value, info)
 
 
+class CloudflareSettings(StrictModel):
+    zone_id: str
+    account_id: str | None = None
+    # The token is read from this file, or else from CLOUDFLARE_API_TOKEN; never from this configuration.
+    api_token_file: Path | None = None
+    base_url: str | None = None
+    timeout: Duration = 10.0
+    pools: list[str] = []
+    analytics_window: Duration = 600.0
+    read_attempts: Annotated[int, Field(ge=1, le=10)] = 4
+    max_retry_wait: Duration = 30.0
+
+    @field_validator("api_token_file")
+    @classmethod
+    def _resolve_token_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve(value, info)
+
+
 class Config(StrictModel):
     playbook: Path
     state_dir: Path
@@ -109,6 +127,7 @@ class Config(StrictModel):
     origins: OriginSettings = OriginSettings()
     ssh: SSHSettings
     hosts: Annotated[list[HostSettings], Field(min_length=1)]
+    cloudflare: CloudflareSettings | None = None
 
     @field_validator("playbook", "state_dir")
     @classmethod

@@ -18,6 +18,8 @@ from typing import Any
 import structlog
 
 from ._threads import map_in_threads
+from . import evidence as cloudflare_evidence
+from .cloudflare import CloudflareAPI, CloudflareAPIError, read_token
 from .config import Config
 from .containers import Engine
 from .diagnosis import Diagnosis, DiagnosisKind, diagnose, summarize_probes
@@ -26,6 +28,8 @@ from .hosts import HostTarget, SSHSession
 from .policy import Plan, Playbook, build_plan
 from .probes import ProbeResult, origin_targets, probe_edge, probe_origins
 from .rollout import RolloutResult, execute_rollout
+from .state import last_rollout
+from .upgrades import PENDING, UpgradeError, list_requests, prepare_request, save_request, submit_request
 from .verify import HostReport, LogScanSettings, verify_hosts
 
 log = structlog.get_logger("cfheal.controller")
@@ -45,6 +49,8 @@ class RunReport:
     plan: Plan | None = None
     rollout: RolloutResult | None = None
     confirmation: list[ProbeResult] = field(default_factory=list)
+    cloudflare: cloudflare_evidence.CloudflareEvidence | None = None
+    upgrade_request: dict[str, Any] | None = None
     outcome: str | None = None
     reason: str = ""
     finished_at: str | None = None
@@ -82,6 +88,41 @@ class Controller:
         self.config = config
         self.playbook = playbook
         self.notify = notify
+        self._cloudflare: CloudflareAPI | None = None
+        self.cloudflare_problem: str | None = None
+
+    def close(self) -> None:
+        if self._cloudflare is not None:
+            self._cloudflare.close()
+
+    def cloudflare(self) -> CloudflareAPI | None:
+        """Return a Cloudflare client whose token verified, or None with the reason kept."""
+        if self._cloudflare is not None or self.cloudflare_problem is not None:
+            return self._cloudflare
+        settings = self.config.cloudflare
+        if settings is None:
+            self.cloudflare_problem = "no cloudflare section in the configuration"
+            return None
+        try:
+            token = read_token(settings)
+        except CfhealError as error:
+            self.cloudflare_problem = str(error)
+            return None
+        if token is None:
+            self.cloudflare_problem = "no Cloudflare token: set CLOUDFLARE_API_TOKEN or cloudflare.api_token_file"
+            return None
+
+        api = CloudflareAPI(settings, token)
+        try:
+            status = api.verify_token()
+        except CloudflareAPIError as error:
+            api.close()
+            self.cloudflare_problem = f"Cloudflare token check failed: {error}"
+            log.warning("cloudflare_token_rejected", error=str(error))
+            return None
+        log.info("cloudflare_token_verified", status=status)
+        self._cloudflare = api
+        return api
 
     def detect(self) -> Diagnosis:
         """Probe the edge and every origin, then diagnose."""
@@ -102,6 +143,14 @@ class Controller:
         log.info("diagnosis_made", diagnosis=str(diagnosis.kind), reason=diagnosis.reason)
         return diagnosis
 
+    def gather_evidence(self) -> cloudflare_evidence.CloudflareEvidence | None:
+        if self.config.cloudflare is None:
+            return None
+        api = self.cloudflare()
+        found = cloudflare_evidence.gather(api, self.cloudflare_problem)
+        log.info("cloudflare_evidence_gathered", summary=found.summary())
+        return found
+
     def verify(self) -> list[HostReport]:
         logs = self.playbook.verify.logs
         return verify_hosts(self.config, LogScanSettings(logs.window, logs.compiled(), logs.max_line_bytes))
@@ -111,8 +160,11 @@ class Controller:
         started = time.monotonic()
         self.notify("Probing the edge and every origin")
         report.diagnosis = self.detect()
+        report.cloudflare = self.gather_evidence()
         report.timings_ms["detect"] = _since(started)
         self.notify(f"Diagnosis: {report.diagnosis.kind} ({report.diagnosis.reason})")
+        if report.cloudflare is not None:
+            self.notify(f"Cloudflare: {report.cloudflare.summary()}")
 
         started = time.monotonic()
         self.notify(f"Verifying {len(self.config.hosts)} host(s) over SSH")
@@ -123,11 +175,15 @@ class Controller:
         """Check, plan, and unless ``dry_run``, act and confirm. Sets outcome and reason."""
         report.dry_run = dry_run
         self.check(report)
-        report.plan = build_plan(report.diagnosis, report.hosts, self.playbook, self.config)
+        previous = last_rollout(self.config.state_dir)
+        report.plan = build_plan(report.diagnosis, report.hosts, self.playbook, self.config, last_rollout=previous)
         log.info("plan_built", act=report.plan.act, reason=report.plan.reason, batches=[[t.label for t in batch] for batch in report.plan.batches])
 
         if not report.plan.act:
             self._finish(report, "aborted" if report.plan.blocked else "no_action", report.plan.reason)
+            return
+        if report.plan.kind == "plan_upgrade":
+            self._escalate(report, dry_run=dry_run, evidence_from=previous)
             return
         if dry_run:
             self._finish(report, "planned", "dry run: the plan above was not executed")
@@ -139,6 +195,73 @@ class Controller:
         self._act(report, should_stop)
         if report.outcome is None:
             self._confirm(report)
+        upgrade = self.playbook.upgrade
+        if report.outcome == "not_recovered" and upgrade is not None and "not_recovered" in upgrade.on:
+            reason = report.reason
+            self._escalate(report, dry_run=False, evidence_from=None)
+            self._finish(report, "not_recovered", f"{reason}; {report.reason}")
+
+    def _escalate(self, report: RunReport, *, dry_run: bool, evidence_from: dict[str, Any] | None) -> None:
+        """Prepare (and with submit: auto, send) a plan-upgrade request; a dry run stores nothing."""
+        upgrade = self.playbook.upgrade
+        api = self.cloudflare()
+        if api is None:
+            self._finish(report, "escalation_failed", f"cannot prepare a plan-upgrade request: {self.cloudflare_problem}; a person must raise the zone's plan")
+            return
+
+        existing = self._pending_request()
+        if existing is not None and not dry_run:
+            report.upgrade_request = existing
+            self._finish(report, "escalated", f"plan-upgrade request {existing['id']} is already pending; approve it with cfheal approve {existing['id']}")
+            return
+
+        try:
+            request = prepare_request(api, target=upgrade.target, frequency=upgrade.frequency, run_id=report.run_id, evidence=self._upgrade_evidence(report, evidence_from))
+        except (UpgradeError, CloudflareAPIError) as error:
+            self._finish(report, "escalation_failed", f"cannot prepare a plan-upgrade request: {error}")
+            return
+
+        if dry_run:
+            report.upgrade_request = request.to_dict()
+            self._finish(report, "planned", f"dry run: would prepare plan-upgrade request to {request.target_plan['name']}; nothing stored or sent")
+            return
+
+        save_request(self.config.state_dir, request)
+        if upgrade.submit == "auto":
+            request = submit_request(api, request)
+            save_request(self.config.state_dir, request)
+        report.upgrade_request = request.to_dict()
+        if request.status == PENDING:
+            reason = f"plan-upgrade request {request.id} prepared ({request.current_plan['name']} -> {request.target_plan['name']}); review it and run cfheal approve {request.id}"
+        else:
+            reason = f"plan-upgrade request {request.id} {request.status}: {request.status_reason}"
+        self._finish(report, "escalated", reason)
+
+    def _pending_request(self) -> dict[str, Any] | None:
+        for request in list_requests(self.config.state_dir):
+            if request.status == PENDING and request.zone_id == self.config.cloudflare.zone_id:
+                return request.to_dict()
+        return None
+
+    def _upgrade_evidence(self, report: RunReport, previous: dict[str, Any] | None) -> dict[str, Any]:
+        """Collect what an approver needs: what was seen, what was restarted, how soon it came back."""
+        diagnosis = report.diagnosis
+        rollout = report.rollout.restarted if report.rollout else (_restarted(previous) if previous else [])
+        return {
+            "diagnosis": str(diagnosis.kind),
+            "reason": diagnosis.reason,
+            "edge_probes": summarize_probes(diagnosis.edge),
+            "confirmation_probes": summarize_probes(report.confirmation) if report.confirmation else None,
+            "established_connections": {
+                f"{host.host}/{container.name}": container.established_connections
+                for host in report.hosts
+                for container in host.containers
+            },
+            "restarted": rollout,
+            "restart_run": report.run_id if report.rollout else (previous or {}).get("run_id"),
+            "restart_finished_at": report.finished_at if report.rollout else (previous or {}).get("finished_at"),
+            "cloudflare": report.cloudflare.summary() if report.cloudflare else None,
+        }
 
     def _act(self, report: RunReport, should_stop: Callable[[], bool]) -> None:
         plan = report.plan
@@ -165,7 +288,7 @@ class Controller:
         sessions = [stack.enter_context(SSHSession(target)) for target in targets]
         engines = {}
         for session in sessions:
-            timeout = session.target.command_timeout + self.playbook.steps[0].stop_grace_period
+            timeout = session.target.command_timeout + self.playbook.rollout.stop_grace_period
             engine = Engine(session, timeout=timeout)
             stack.callback(engine.close)
             engines[session.target.name] = engine
@@ -218,6 +341,10 @@ def _log_probes(edge: list[ProbeResult], origins: dict[str, ProbeResult]) -> Non
     for label, result in origins.items():
         event = "origin_probe_succeeded" if result.ok else "origin_probe_failed"
         log.info(event, origin=label, outcome=str(result.outcome), status=result.status, duration_ms=result.duration_ms, detail=result.detail or None)
+
+
+def _restarted(report: dict[str, Any]) -> list[str]:
+    return [label for batch in report["rollout"]["batches"] for label in batch.get("restarted", [])]
 
 
 def _since(started: float) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -59,6 +60,24 @@ class RollingRestart(StrictModel):
     readiness: ReadinessGate = ReadinessGate()
 
 
+class PlanUpgrade(StrictModel):
+    """Escalation when restarts cannot hold: prepare a request to move the zone to a higher plan."""
+
+    action: Literal["plan_upgrade"]
+    # not_recovered: the restart in this run did not bring the edge back.
+    # limit_returned: the limit is back within limit_returned_within of the last restart.
+    on: Annotated[list[Literal["not_recovered", "limit_returned"]], Field(min_length=1)] = ["not_recovered", "limit_returned"]
+    limit_returned_within: Duration = 900.0
+    # "next_tier" (the cheapest plan above the current one) or a plan's legacy_id, id or name.
+    target: Annotated[str, Field(min_length=1)] = "next_tier"
+    frequency: Literal["weekly", "monthly", "quarterly", "yearly"] | None = None
+    # manual: a person runs cfheal approve. auto: cfheal submits the request it prepared.
+    submit: Literal["manual", "auto"] = "manual"
+
+
+Step = Annotated[Union[RollingRestart, PlanUpgrade], Field(discriminator="action")]
+
+
 class Confirmation(StrictModel):
     delay: Duration = 2.0
     timeout: Duration = 30.0
@@ -70,15 +89,26 @@ class Playbook(StrictModel):
     description: str = ""
     when: Literal["edge_connection_limit"] = "edge_connection_limit"
     verify: Verification = Verification()
-    steps: Annotated[list[RollingRestart], Field(min_length=1)]
+    steps: Annotated[list[Step], Field(min_length=1)]
     confirm: Confirmation = Confirmation()
 
     @model_validator(mode="after")
-    def _one_rollout(self) -> "Playbook":
-        # NOTE: only one step is executed today; a ladder of several steps needs escalation support.
-        if len(self.steps) > 1:
-            raise ValueError("only one step is supported; remove the extra steps")
+    def _ladder_order(self) -> "Playbook":
+        actions = [step.action for step in self.steps]
+        for action in set(actions):
+            if actions.count(action) > 1:
+                raise ValueError(f"steps: {action} appears {actions.count(action)} times; keep one")
+        if actions == ["plan_upgrade", "rolling_restart"]:
+            raise ValueError("steps: rolling_restart must come before plan_upgrade, which escalates from it")
         return self
+
+    @property
+    def rollout(self) -> RollingRestart | None:
+        return next((step for step in self.steps if isinstance(step, RollingRestart)), None)
+
+    @property
+    def upgrade(self) -> PlanUpgrade | None:
+        return next((step for step in self.steps if isinstance(step, PlanUpgrade)), None)
 
 
 def load_playbook(path: Path) -> Playbook:
@@ -103,6 +133,8 @@ class Plan:
     act: bool
     reason: str
     playbook: str
+    # "rollout" restarts the backends; "plan_upgrade" prepares a plan-upgrade request instead.
+    kind: str = "rollout"
     # True when the diagnosis called for action but verification stopped it.
     blocked: bool = False
     batches: list[list[RestartTarget]] = field(default_factory=list)
@@ -110,8 +142,12 @@ class Plan:
     confirm: Confirmation | None = None
 
 
-def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbook, config: Config) -> Plan:
-    """Decide whether to act on this evidence, and if so in which batches."""
+def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbook, config: Config, *, last_rollout: dict[str, Any] | None = None, now: datetime | None = None) -> Plan:
+    """Decide whether to act on this evidence, and how.
+
+    ``last_rollout`` is the most recent earlier run that restarted the backends; when the limit
+    is back soon after it, restarting again would only start a loop, so the plan escalates.
+    """
     if diagnosis.kind != DiagnosisKind(playbook.when):
         return Plan(False, f"playbook {playbook.name!r} answers {playbook.when}, diagnosis is {diagnosis.kind}", playbook.name)
 
@@ -119,7 +155,13 @@ def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbo
     if blocker:
         return Plan(False, blocker, playbook.name, blocked=True)
 
-    step = playbook.steps[0]
+    returned = _limit_returned_after(last_rollout, playbook.upgrade, now)
+    if returned is not None or playbook.rollout is None:
+        why = f"the limit is back {returned:.0f}s after the restart in run {last_rollout['run_id']}" if returned is not None else "the playbook has no rollout step"
+        reason = f"{diagnosis.kind}: {why}; preparing a plan-upgrade request instead of restarting"
+        return Plan(True, reason, playbook.name, kind="plan_upgrade")
+
+    step = playbook.rollout
     targets = [
         RestartTarget(host.name, container.name, container.origin)
         for host in config.hosts
@@ -128,6 +170,18 @@ def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbo
     batches = [targets[start : start + step.max_unavailable] for start in range(0, len(targets), step.max_unavailable)]
     reason = f"{diagnosis.kind}: every host verified; rolling restart of {len(targets)} container(s) in {len(batches)} batch(es)"
     return Plan(True, reason, playbook.name, batches=batches, step=step, confirm=playbook.confirm)
+
+
+def _limit_returned_after(last_rollout: dict[str, Any] | None, upgrade: PlanUpgrade | None, now: datetime | None) -> float | None:
+    """Return seconds since the last restart when that counts as the limit returning, else None."""
+    if last_rollout is None or upgrade is None or "limit_returned" not in upgrade.on:
+        return None
+    finished = last_rollout.get("finished_at")
+    if not finished:
+        return None
+    now = now or datetime.now(datetime.fromisoformat(finished).tzinfo)
+    elapsed = (now - datetime.fromisoformat(finished)).total_seconds()
+    return elapsed if 0 <= elapsed <= upgrade.limit_returned_within else None
 
 
 def _verification_blocker(reports: list[HostReport], playbook: Playbook) -> str | None:

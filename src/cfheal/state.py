@@ -74,6 +74,15 @@ def list_runs(state_dir: Path, limit: int = 20) -> list[dict[str, Any]]:
     return [json.loads(row[0]) for row in rows]
 
 
+def last_rollout(state_dir: Path) -> dict[str, Any] | None:
+    """Return the newest recorded run that restarted backends, or None."""
+    for report in list_runs(state_dir, limit=50):
+        if report.get("rollout") and report["rollout"].get("batches") and report.get("finished_at"):
+            if any(batch.get("restarted") for batch in report["rollout"]["batches"]):
+                return report
+    return None
+
+
 @contextmanager
 def run_lock(state_dir: Path) -> Iterator[None]:
     """Hold the lock that lets only one cfheal act on this configuration's hosts at a time."""
