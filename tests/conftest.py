@@ -24,6 +24,9 @@ LAB_CONFIG = REPO / "config" / "lab.yaml"
 HOSTS = ("backend-1", "backend-2", "backend-3")
 EDGE_URL = "ws://127.0.0.10:8080/ws/"
 
+# The lab's modules (the Cloudflare stand-in and its schema validator) import by bare name.
+sys.path.append(str(REPO / "lab"))
+
 
 def lab(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(LAB), *args], capture_output=True, text=True, timeout=300)

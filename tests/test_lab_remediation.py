@@ -6,17 +6,18 @@ import shutil
 
 import pytest
 
-from conftest import HOSTS, LAB_CONFIG, cfheal_json, edge_status, lab, start_times
+from conftest import HOSTS, cfheal_json, edge_status, lab, start_times
 
 pytestmark = pytest.mark.lab
 
 
-def test_run_heals_saturated_edge(healthy_lab):
+def test_run_heals_saturated_edge(healthy_lab, lab_config):
+    config = lab_config()
     lab("saturate")
     before = start_times()
 
-    check_code, check = cfheal_json("check", "-c", str(LAB_CONFIG))
-    run_code, run = cfheal_json("run", "-c", str(LAB_CONFIG), "--yes")
+    check_code, check = cfheal_json("check", "-c", str(config))
+    run_code, run = cfheal_json("run", "-c", str(config), "--yes")
 
     assert check_code == 1
     assert check["diagnosis"]["kind"] == "edge_connection_limit"
@@ -29,11 +30,12 @@ def test_run_heals_saturated_edge(healthy_lab):
     assert edge_status() == 101
 
 
-def test_dry_run_changes_nothing(healthy_lab):
+def test_dry_run_changes_nothing(healthy_lab, lab_config):
+    config = lab_config()
     lab("saturate")
     before = start_times()
 
-    code, report = cfheal_json("run", "-c", str(LAB_CONFIG), "--dry-run")
+    code, report = cfheal_json("run", "-c", str(config), "--dry-run")
 
     assert code == 0
     assert report["outcome"] == "planned"
@@ -44,11 +46,12 @@ def test_dry_run_changes_nothing(healthy_lab):
     assert edge_status() == 502
 
 
-def test_origin_failure_restarts_nothing(healthy_lab):
+def test_origin_failure_restarts_nothing(healthy_lab, lab_config):
+    config = lab_config()
     lab("origin", "backend-2", "fail")
     before = start_times()
 
-    code, report = cfheal_json("run", "-c", str(LAB_CONFIG), "--yes")
+    code, report = cfheal_json("run", "-c", str(config), "--yes")
 
     assert code == 1
     assert report["diagnosis"]["kind"] == "origin_failure"
@@ -57,12 +60,13 @@ def test_origin_failure_restarts_nothing(healthy_lab):
     assert start_times() == before
 
 
-def test_stopped_sshd_stops_run_before_any_restart(healthy_lab):
+def test_stopped_sshd_stops_run_before_any_restart(healthy_lab, lab_config):
+    config = lab_config()
     lab("saturate")
     lab("sshd", "backend-3", "stop")
     before = start_times()
 
-    code, report = cfheal_json("run", "-c", str(LAB_CONFIG), "--yes")
+    code, report = cfheal_json("run", "-c", str(config), "--yes")
 
     assert code == 1
     assert report["outcome"] == "aborted"
@@ -89,12 +93,13 @@ def test_container_that_does_not_come_back_aborts_rollout(healthy_lab, lab_confi
     assert after["backend-3"] == before["backend-3"]
 
 
-def test_error_lines_in_logs_block_the_restart(healthy_lab):
+def test_error_lines_in_logs_block_the_restart(healthy_lab, lab_config):
+    config = lab_config()
     lab("saturate")
     lab("origin", "backend-1", "log-errors")
     before = start_times()
 
-    code, report = cfheal_json("run", "-c", str(LAB_CONFIG), "--yes")
+    code, report = cfheal_json("run", "-c", str(config), "--yes")
 
     assert code == 1
     assert report["outcome"] == "aborted"

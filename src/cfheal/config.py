@@ -6,6 +6,7 @@ configuration works from any working directory.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -22,7 +23,7 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     base_dir = (info.context or {}).get("base_dir")
     path = Path(value).expanduser()
     if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir) / path
+        path = Path(os.path.normpath(Path(base_dir) / path))
     return path
 
 

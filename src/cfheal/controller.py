@@ -196,7 +196,7 @@ class Controller:
         if report.outcome is None:
             self._confirm(report)
         upgrade = self.playbook.upgrade
-        if report.outcome == "not_recovered" and upgrade is not None and "not_recovered" in upgrade.on:
+        if report.outcome == "not_recovered" and upgrade is not None and "not_recovered" in upgrade.triggers:
             reason = report.reason
             self._escalate(report, dry_run=False, evidence_from=None)
             self._finish(report, "not_recovered", f"{reason}; {report.reason}")

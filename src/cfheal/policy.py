@@ -66,7 +66,8 @@ class PlanUpgrade(StrictModel):
     action: Literal["plan_upgrade"]
     # not_recovered: the restart in this run did not bring the edge back.
     # limit_returned: the limit is back within limit_returned_within of the last restart.
-    on: Annotated[list[Literal["not_recovered", "limit_returned"]], Field(min_length=1)] = ["not_recovered", "limit_returned"]
+    # Named "triggers", not "on": YAML 1.1 reads a bare on as the boolean true.
+    triggers: Annotated[list[Literal["not_recovered", "limit_returned"]], Field(min_length=1)] = ["not_recovered", "limit_returned"]
     limit_returned_within: Duration = 900.0
     # "next_tier" (the cheapest plan above the current one) or a plan's legacy_id, id or name.
     target: Annotated[str, Field(min_length=1)] = "next_tier"
@@ -174,7 +175,7 @@ def build_plan(diagnosis: Diagnosis, reports: list[HostReport], playbook: Playbo
 
 def _limit_returned_after(last_rollout: dict[str, Any] | None, upgrade: PlanUpgrade | None, now: datetime | None) -> float | None:
     """Return seconds since the last restart when that counts as the limit returning, else None."""
-    if last_rollout is None or upgrade is None or "limit_returned" not in upgrade.on:
+    if last_rollout is None or upgrade is None or "limit_returned" not in upgrade.triggers:
         return None
     finished = last_rollout.get("finished_at")
     if not finished:
