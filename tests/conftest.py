@@ -6,6 +6,7 @@ baseline around every lab test, so each test starts from the same state.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ LAB = REPO / "scripts" / "lab"
 LAB_CONFIG = REPO / "config" / "lab.yaml"
 HOSTS = ("backend-1", "backend-2", "backend-3")
 EDGE_URL = "ws://127.0.0.10:8080/ws/"
+LAB_TEST_LOCK = Path("/run/cfheal-lab-tests.lock")
 
 # The lab's modules (the Cloudflare stand-in and its schema validator) import by bare name.
 sys.path.append(str(REPO / "lab"))
@@ -79,8 +81,13 @@ def edge_status(url: str = EDGE_URL) -> int:
 def lab_up():
     if os.geteuid() != 0:
         pytest.fail("lab tests need root: they start sshd, dockerd and nginx")
-    lab("up")
-    yield
+    # The lab is one shared set of processes: two test sessions saturating and resetting it at
+    # once would break each other, so a session holds this lock from its first lab test on.
+    LAB_TEST_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LAB_TEST_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lab("up")
+        yield
 
 
 @pytest.fixture
