@@ -18,7 +18,7 @@ from .config import Config, load_config
 from .controller import Controller, RunReport, is_fault, start_report
 from .errors import CfhealError, ConfigError
 from .policy import Plan, Playbook, load_playbook
-from .state import record_run, run_lock
+from .state import Store, run_lock
 from .upgrades import PENDING, SUBMITTED, list_requests, load_request, render_markdown, save_request, submit_request
 
 EXIT_OK = 0
@@ -217,7 +217,7 @@ def _guard(action):
 
 def _save(config: Config, report: RunReport) -> None:
     try:
-        record_run(config.state_dir, report.to_dict())
+        Store(config.state_dir).record_run(report.to_dict())
     except (CfhealError, OSError) as error:
         click.echo(f"warning: run {report.run_id} was not recorded in {config.state_dir}: {error}", err=True)
 

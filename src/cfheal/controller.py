@@ -28,7 +28,7 @@ from .hosts import HostTarget, SSHSession
 from .policy import Plan, Playbook, build_plan
 from .probes import ProbeResult, origin_targets, probe_edge, probe_origins
 from .rollout import RolloutResult, execute_rollout
-from .state import last_rollout
+from .state import Store
 from .upgrades import PENDING, UpgradeError, list_requests, prepare_request, save_request, submit_request
 from .verify import HostReport, LogScanSettings, verify_hosts
 
@@ -175,7 +175,7 @@ class Controller:
         """Check, plan, and unless ``dry_run``, act and confirm. Sets outcome and reason."""
         report.dry_run = dry_run
         self.check(report)
-        previous = last_rollout(self.config.state_dir)
+        previous = Store(self.config.state_dir).last_rollout()
         report.plan = build_plan(report.diagnosis, report.hosts, self.playbook, self.config, last_rollout=previous)
         log.info("plan_built", act=report.plan.act, reason=report.plan.reason, batches=[[t.label for t in batch] for batch in report.plan.batches])
 
