@@ -116,3 +116,39 @@ def _render_upgrade_request(console: Console, request: dict) -> None:
         f"({request['target_plan']['price']:g} {request['target_plan']['currency']} {request['frequency']})"
     )
     console.print(f"  call on approval: {call['method']} {call['path']} {json.dumps(call['body'])}")
+
+
+def render_history(console: Console, runs: list[dict]) -> None:
+    if not runs:
+        console.print("no runs recorded yet")
+        return
+    table = Table(title="Runs, newest first", title_justify="left")
+    for column in ("run", "command", "started (UTC)", "diagnosis", "outcome", "reason"):
+        table.add_column(column)
+    for run in runs:
+        diagnosis = (run.get("diagnosis") or {}).get("kind", "-")
+        outcome = run.get("outcome") or "running"
+        style = _OUTCOME_STYLE.get(outcome, "")
+        table.add_row(run["run_id"], run["command"], run["started_at"][:19], diagnosis, f"[{style}]{outcome}[/]" if style else outcome, (run.get("reason") or "")[:80])
+    console.print(table)
+
+
+def render_stored_run(console: Console, run: dict) -> None:
+    diagnosis = run.get("diagnosis") or {}
+    console.print(f"[bold]run {run['run_id']}[/] ({run['command']}), started {run['started_at']}, finished {run.get('finished_at') or 'never'}")
+    console.print(f"Diagnosis: {diagnosis.get('kind', '-')}: {diagnosis.get('reason', '')}")
+    for host in run.get("hosts") or []:
+        state = host["error"] or ", ".join(f"{c['name']} {c['state']} (log errors {c['log_errors']}, connections {c['established_connections']})" for c in host["containers"])
+        console.print(f"  host {host['host']}: {state}")
+    plan = run.get("plan") or {}
+    if plan:
+        console.print(f"Plan: {plan.get('reason')}")
+    for batch in (run.get("rollout") or {}).get("batches") or []:
+        console.print(f"  batch {batch['index']}: {', '.join(batch['targets'])}: {batch['outcome']} in {batch['duration_ms'] / 1000:.1f}s {batch['reason']}")
+    if run.get("upgrade_request"):
+        request = run["upgrade_request"]
+        console.print(f"Plan-upgrade request {request['id']}: {request['status']}")
+    style = _OUTCOME_STYLE.get(run.get("outcome") or "", "bold")
+    console.print(f"Outcome: [{style}]{run.get('outcome') or 'running'}[/]: {run.get('reason') or ''}")
+    if run.get("timings_ms"):
+        console.print("Timings: " + ", ".join(f"{phase} {ms / 1000:.1f}s" for phase, ms in run["timings_ms"].items()))

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import click
+import httpx
+import structlog
 from rich.console import Console
 
 from . import __version__
 from ._logging import configure_logging
-from ._render import print_json, render_plan, render_report
+from ._render import print_json, render_history, render_plan, render_report, render_stored_run
 from .config import Config, load_config
 from .controller import Controller, RunReport, is_fault, start_report
 from .errors import CfhealError, ConfigError
 from .policy import Plan, Playbook, load_playbook
 from .state import Store, run_lock
+from .metrics import Metrics
+from .notify import Notifier
+from .triggers import TriggerServer
+from .watch import BREAKER, PAUSE, Watcher
 from .upgrades import PENDING, SUBMITTED, list_requests, load_request, render_markdown, save_request, submit_request
 
 EXIT_OK = 0
@@ -90,6 +97,8 @@ def run(config_path: Path, output: str, dry_run: bool, yes: bool) -> None:
         console.print("[dim]Ctrl-C during the rollout stops it after the batch in flight.[/]")
         return yes or click.confirm("Execute this plan?", default=False, err=output == "json")
 
+    store = Store(config.state_dir)
+    _guard(lambda: store.start_run(report.run_id, report.command, report.started_at))
     try:
         if dry_run:
             _guard(lambda: controller.run(report, dry_run=True, confirm=confirm, should_stop=stop.is_set))
@@ -157,6 +166,124 @@ def approve(config_path: Path, output: str, request_id: str, yes: bool) -> None:
     else:
         console.print(f"Request {request.id}: [bold]{request.status}[/]: {request.status_reason}")
     sys.exit(EXIT_OK if request.status == SUBMITTED else EXIT_FAULT)
+
+
+@main.command()
+@_config_option
+@click.option("--listen", metavar="HOST:PORT", help="Serve webhooks, triggers and /metrics here instead of watch.listen.")
+@click.option("--max-evaluations", type=click.IntRange(min=1), help="Stop after this many evaluations (for benchmarks and tests).")
+def watch(config_path: Path, listen: str | None, max_evaluations: int | None) -> None:
+    """Evaluate on an interval and heal unattended, inside the safety envelope.
+
+    SIGTERM or Ctrl-C stops it; a rollout in flight finishes its batch and starts no other.
+    """
+    config, playbook = _load(config_path)
+    if listen:
+        config = _guard(lambda: _with_listen(config, listen))
+    store = Store(config.state_dir)
+    metrics = Metrics()
+    stop = threading.Event()
+    watcher = Watcher(config, playbook, store=store, notifier=Notifier(config.notify), metrics=metrics, stop=stop)
+    server = _guard(lambda: TriggerServer(config.watch, request_evaluation=watcher.request_evaluation, metrics=metrics.exposition, status=watcher.status))
+
+    def request_stop(signum: int, frame) -> None:
+        structlog.get_logger("cfheal.cli").warning("stop_requested", signal=signal.Signals(signum).name, effect="a batch in flight finishes; nothing new starts")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    server.start()
+    try:
+        _guard(lambda: watcher.run_forever(max_evaluations=max_evaluations))
+    finally:
+        server.stop()
+
+
+def _with_listen(config: Config, listen: str) -> Config:
+    from .config import WatchSettings
+
+    try:
+        settings = WatchSettings.model_validate({**config.watch.model_dump(), "listen": listen})
+    except ValueError:
+        raise ConfigError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9470") from None
+    return config.model_copy(update={"watch": settings})
+
+
+@main.command()
+@_config_option
+def trigger(config_path: Path) -> None:
+    """Ask the running cfheal watch to evaluate now (it still settles and checks its limits)."""
+    config, _ = _load(config_path)
+    url = f"http://{config.watch.listen}/trigger"
+    try:
+        response = httpx.post(url, timeout=5, trust_env=False)
+    except httpx.HTTPError as error:
+        _fail(f"no cfheal watch answers on {config.watch.listen} ({type(error).__name__}); start it with cfheal watch -c {config_path}", EXIT_FAULT)
+    if response.status_code != 202:
+        _fail(f"cfheal watch on {config.watch.listen} answered HTTP {response.status_code}: {response.text[:200]}", EXIT_FAULT)
+    click.echo(f"evaluation requested from cfheal watch on {config.watch.listen}")
+
+
+@main.command()
+@_config_option
+@click.option("--reason", default="", help="Why, for whoever runs cfheal resume.")
+def pause(config_path: Path, reason: str) -> None:
+    """Stop watch from acting (it keeps evaluating) until cfheal resume."""
+    config, _ = _load(config_path)
+    _guard(lambda: Store(config.state_dir).set_switch(PAUSE, {"reason": reason, "by": os.environ.get("SUDO_USER") or os.environ.get("USER", "unknown")}))
+    click.echo(f"paused: cfheal watch with state in {config.state_dir} will not act until cfheal resume")
+
+
+@main.command()
+@_config_option
+def resume(config_path: Path) -> None:
+    """Let watch act again: clears the pause and closes the breaker."""
+    config, _ = _load(config_path)
+    store = Store(config.state_dir)
+    breaker = _guard(lambda: store.get_switch(BREAKER))
+    cleared = [name for name in (PAUSE, BREAKER) if _guard(lambda name=name: store.clear_switch(name))]
+    if not cleared:
+        click.echo("nothing to resume: watch was neither paused nor stopped by the breaker")
+        return
+    if breaker:
+        click.echo(f"breaker closed (it opened after run {breaker.get('run_id')}: {breaker.get('reason')})")
+    if PAUSE in cleared:
+        click.echo("pause cleared")
+    click.echo("cfheal watch may act again")
+
+
+@main.command()
+@_config_option
+@_output_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Number of runs to show.")
+def history(config_path: Path, output: str, limit: int) -> None:
+    """Show past runs, newest first; runs left unfinished by a dead process show as interrupted."""
+    config, _ = _load(config_path)
+    store = Store(config.state_dir)
+    _guard(store.recover_dead_runs)
+    runs = _guard(lambda: store.list_runs(limit=limit))
+    if output == "json":
+        print(json.dumps(runs, indent=2))
+        return
+    render_history(_console(output), runs)
+
+
+@main.command()
+@_config_option
+@_output_option
+@click.argument("run_id")
+def show(config_path: Path, output: str, run_id: str) -> None:
+    """Show one run: what it saw, planned and did, with timings."""
+    config, _ = _load(config_path)
+    store = Store(config.state_dir)
+    _guard(store.recover_dead_runs)
+    run = _guard(lambda: store.get_run(run_id))
+    if run is None:
+        _fail(f"no run {run_id!r} in {config.state_dir}; list runs with cfheal history -c {config_path}", EXIT_FAULT)
+    if output == "json":
+        print(json.dumps(run, indent=2))
+        return
+    render_stored_run(_console(output), run)
 
 
 def _run_exit_code(report: RunReport) -> int:

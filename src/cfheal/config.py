@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -121,6 +121,40 @@ class CloudflareSettings(StrictModel):
         return _resolve(value, info)
 
 
+class WatchSettings(StrictModel):
+    interval: Duration = 15.0
+    # The fault must be seen this many times in a row, and for at least settle_time, before
+    # watch acts: one failed probe or a burst of normal closes never triggers anything.
+    settle_evaluations: Annotated[int, Field(ge=1)] = 3
+    settle_time: Duration = 30.0
+    # Address of the HTTP endpoint for webhooks, cfheal trigger and /metrics; loopback by default.
+    listen: Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$")] = "127.0.0.1:9470"
+    # Shared secret that Cloudflare Notifications send in the cf-webhook-auth header.
+    webhook_secret_file: Path | None = None
+    # Bearer token Alertmanager sends (http_config.authorization); without it, the endpoint is open.
+    alertmanager_token_file: Path | None = None
+    cooldown: Duration = 600.0
+    max_actions: Annotated[int, Field(ge=1)] = 3
+    action_window: Duration = 3600.0
+
+    @field_validator("webhook_secret_file", "alertmanager_token_file")
+    @classmethod
+    def _resolve_secret_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve(value, info)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listen.rsplit(":", 1)
+        return host, int(port)
+
+
+class NotifySettings(StrictModel):
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    # slack: {"text": ...} for Slack-compatible incoming webhooks; json: the event as a JSON object.
+    format: Literal["slack", "json"] = "json"
+    timeout: Duration = 5.0
+
+
 class Config(StrictModel):
     playbook: Path
     state_dir: Path
@@ -129,6 +163,8 @@ class Config(StrictModel):
     ssh: SSHSettings
     hosts: Annotated[list[HostSettings], Field(min_length=1)]
     cloudflare: CloudflareSettings | None = None
+    watch: WatchSettings = WatchSettings()
+    notify: list[NotifySettings] = []
 
     @field_validator("playbook", "state_dir")
     @classmethod

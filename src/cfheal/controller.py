@@ -36,6 +36,7 @@ log = structlog.get_logger("cfheal.controller")
 
 Notify = Callable[[str], None]
 Confirm = Callable[[Plan], bool]
+Guard = Callable[[Plan], "str | None"]
 
 
 @dataclass
@@ -171,8 +172,11 @@ class Controller:
         report.hosts = self.verify()
         report.timings_ms["verify"] = _since(started)
 
-    def run(self, report: RunReport, *, dry_run: bool, confirm: Confirm, should_stop: Callable[[], bool]) -> None:
-        """Check, plan, and unless ``dry_run``, act and confirm. Sets outcome and reason."""
+    def run(self, report: RunReport, *, dry_run: bool, confirm: Confirm, should_stop: Callable[[], bool], guard: Guard | None = None) -> None:
+        """Check, plan, and unless ``dry_run``, act and confirm. Sets outcome and reason.
+
+        ``guard`` may withhold an actionable plan (watch's safety envelope) before anything is done.
+        """
         report.dry_run = dry_run
         self.check(report)
         previous = Store(self.config.state_dir).last_rollout()
@@ -181,6 +185,11 @@ class Controller:
 
         if not report.plan.act:
             self._finish(report, "aborted" if report.plan.blocked else "no_action", report.plan.reason)
+            return
+        withheld = guard(report.plan) if guard is not None and not dry_run else None
+        if withheld:
+            log.warning("remediation_withheld", reason=withheld)
+            self._finish(report, "withheld", withheld)
             return
         if report.plan.kind == "plan_upgrade":
             self._escalate(report, dry_run=dry_run, evidence_from=previous)
@@ -281,7 +290,9 @@ class Controller:
         report.timings_ms["rollout"] = _since(started)
 
         if report.rollout.outcome != "completed":
-            self._finish(report, "aborted", report.rollout.reason)
+            # A stop request (Ctrl-C, SIGTERM) lets the batch in flight finish; say so plainly.
+            outcome = "interrupted" if should_stop() else "aborted"
+            self._finish(report, outcome, report.rollout.reason)
 
     def _open_engines(self, hosts: set[str], stack: ExitStack) -> dict[str, Engine]:
         targets = [HostTarget.from_config(self.config, host) for host in self.config.hosts if host.name in hosts]
