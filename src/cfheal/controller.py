@@ -348,10 +348,15 @@ def start_report(command: str) -> RunReport:
 def _log_probes(edge: list[ProbeResult], origins: dict[str, ProbeResult]) -> None:
     for result in edge:
         event = "edge_probe_succeeded" if result.ok else "edge_probe_failed"
-        log.info(event, outcome=str(result.outcome), status=result.status, duration_ms=result.duration_ms, detail=result.detail or None)
+        log.info(event, outcome=str(result.outcome), status=result.status, duration_ms=result.duration_ms, detail=_one_line(result.detail))
     for label, result in origins.items():
         event = "origin_probe_succeeded" if result.ok else "origin_probe_failed"
-        log.info(event, origin=label, outcome=str(result.outcome), status=result.status, duration_ms=result.duration_ms, detail=result.detail or None)
+        log.info(event, origin=label, outcome=str(result.outcome), status=result.status, duration_ms=result.duration_ms, detail=_one_line(result.detail))
+
+
+def _one_line(detail: str) -> str | None:
+    # A probe's detail may be the start of an HTML error page; logs get one short line of it.
+    return " ".join(detail.split())[:120] or None
 
 
 def _restarted(report: dict[str, Any]) -> list[str]:
