@@ -1,5 +1,7 @@
 """Command line of the cfheal lab: three SSH hosts with their own Docker engines behind an edge.
 
+A local stand-in for the Cloudflare API v4 serves the zone whose plan cfheal can upgrade.
+
 Run through scripts/lab, as root. Every command is idempotent. Errors print one line and
 exit non-zero.
 """
@@ -19,8 +21,11 @@ from typing import NoReturn
 import edge
 import engine
 import sshd
+import standin
 from layout import (
     BEYOND_LIMIT_LIVE_CLIENTS,
+    CLOUDFLARE_BASE_URL,
+    CLOUDFLARE_TOKEN_FILE,
     CONTAINER_NAME,
     EDGE_CONNECTION_LIMIT,
     EDGE_URL,
@@ -128,6 +133,10 @@ def ensure_lab(report: Callable[[str], None]) -> int:
             note(f"{host.name}: started sshd on {host.address}:{sshd.SSH_PORT}")
     if edge.start_nginx():
         note(f"edge: started nginx on {EDGE_URL}")
+    if standin.start_standin():
+        note(f"cloudflare: started the API stand-in on {CLOUDFLARE_BASE_URL}")
+    if standin.ensure_token_file():
+        note(f"cloudflare: wrote the API token to {CLOUDFLARE_TOKEN_FILE}")
 
     rootfs_tar = None
     for host in HOSTS:
@@ -155,6 +164,8 @@ def check_healthy(status: dict) -> None:
             problems.append(f"{host['name']} {CONTAINER_NAME} {container['state']}")
     if not status["edge"]["up"]:
         problems.append("edge nginx down")
+    if not status["cloudflare"]["up"]:
+        problems.append("cloudflare stand-in down")
     if problems:
         raise LabError(f"lab is not healthy: {', '.join(problems)}")
 
@@ -181,6 +192,7 @@ def leftover_markers() -> list[str]:
         str(edge.NGINX_CONFIG),
         str(SWARM_FILES.status_file),
         f"{VENV_PYTHON} /app/backend.py",
+        standin.STANDIN_MARKER,
     ]
     for host in HOSTS:
         markers += [str(host.docker_exec_root), str(host.sshd_config)]
@@ -193,6 +205,8 @@ def command_down(args: argparse.Namespace) -> int:
         stopped.append("swarm")
     if edge.stop_nginx():
         stopped.append("nginx")
+    if standin.stop_standin():
+        stopped.append("cloudflare stand-in")
 
     def stop_container(host: Host) -> bool:
         api = engine.Engine(host)
@@ -379,6 +393,8 @@ def command_reset(args: argparse.Namespace) -> int:
         if engine.dockerd_pid(host) is not None and api.is_responding():
             api.remove_container()
             actions.append(f"{host.name}: recreated {CONTAINER_NAME}")
+    # Before ensure_lab, because a stopped stand-in cannot start with an invalid scenario file.
+    actions.append(standin.reset_standin())
     ensure_lab(actions.append)
     wait_for_edge(require_upgrade=True)
     summary = "; ".join(actions) if actions else "nothing to change"
@@ -411,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     host_names = list(HOSTS_BY_NAME)
 
     commands.add_parser("up", help="start or repair every part; a quick check when all runs")
-    commands.add_parser("down", help="stop swarm, edge, containers, sshds and dockerds")
-    status = commands.add_parser("status", help="show every part and probe the edge and origins")
+    commands.add_parser(
+        "down", help="stop swarm, edge, Cloudflare stand-in, containers, sshds and dockerds")
+    status = commands.add_parser(
+        "status",
+        help="show every part, probe the edge and origins, and list the stand-in's plan writes")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     saturate = commands.add_parser(
         "saturate",
@@ -425,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     saturate.add_argument("--max-seconds", type=positive_int, default=3600,
                           help="the swarm stops by itself after this many seconds (default 3600)")
     commands.add_parser("release", help="stop the swarm and wait until the edge returns 101")
-    commands.add_parser("reset", help="return to the healthy baseline without down and up")
+    commands.add_parser(
+        "reset",
+        help="return to the healthy baseline without down and up, with the stand-in's default "
+             "scenario and an empty request record")
 
     origin = commands.add_parser(
         "origin", help="set a backend's mode: ok, fail (503) or log-errors")

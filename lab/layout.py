@@ -33,6 +33,17 @@ EDGE_URL = f"ws://{EDGE_ADDRESS}:{EDGE_PORT}/ws/"
 EDGE_CONNECTION_LIMIT = 30
 NGINX_DIR = LAB_ROOT / "nginx"
 
+# The local stand-in for the Cloudflare API v4 (lab/cloudflare_api.py), which cfheal calls
+# with the token in CLOUDFLARE_TOKEN_FILE.
+CLOUDFLARE_ADDRESS = "127.0.0.20"
+CLOUDFLARE_PORT = 8787
+CLOUDFLARE_BASE_URL = f"http://{CLOUDFLARE_ADDRESS}:{CLOUDFLARE_PORT}/client/v4"
+CLOUDFLARE_ADMIN_URL = f"http://{CLOUDFLARE_ADDRESS}:{CLOUDFLARE_PORT}/__standin"
+CLOUDFLARE_STATE_DIR = LAB_ROOT / "cloudflare"
+CLOUDFLARE_TOKEN_FILE = CLOUDFLARE_STATE_DIR / "token"
+CLOUDFLARE_PID_FILE = RUN_DIR / "cloudflare.pid"
+CLOUDFLARE_LOG = LAB_ROOT / "cloudflare.log"
+
 SWARM_PID_FILE = RUN_DIR / "swarm.pid"
 SWARM_STATUS_FILE = RUN_DIR / "swarm-status.json"
 SWARM_LOG = LAB_ROOT / "swarm.log"
