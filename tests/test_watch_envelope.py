@@ -15,7 +15,7 @@ from cfheal.notify import Notifier
 from cfheal.policy import Plan, RestartTarget
 from cfheal.state import Store
 from cfheal.triggers import TriggerServer
-from cfheal.watch import BREAKER, PAUSE, Streak, envelope_blocker
+from cfheal.watch import BREAKER, PAUSE, RESUMED, Streak, envelope_blocker
 
 
 class _Config:
@@ -74,6 +74,12 @@ class TestEnvelope:
         store.record_actions("r1", "restart", ["backend-1/app", "backend-2/app"])
 
         assert envelope_blocker(UPGRADE, store, _Config(cooldown="10m"), time.time()) is None
+
+    def test_resume_starts_cooldown_afresh(self, store):
+        store.record_actions("r1", "restart", ["backend-2/app"])
+        store.set_switch(RESUMED, {"at": time.time() + 1})
+
+        assert envelope_blocker(ROLLOUT, store, _Config(cooldown="10m"), time.time() + 2) is None
 
     def test_budget_counts_runs_not_targets(self, store):
         for run in ("r1", "r2"):

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -25,7 +26,7 @@ from .state import Store, run_lock
 from .metrics import Metrics
 from .notify import Notifier
 from .triggers import TriggerServer
-from .watch import BREAKER, PAUSE, Watcher
+from .watch import BREAKER, PAUSE, RESUMED, Watcher
 from .upgrades import PENDING, SUBMITTED, list_requests, load_request, render_markdown, save_request, submit_request
 
 EXIT_OK = 0
@@ -242,14 +243,15 @@ def resume(config_path: Path) -> None:
     store = Store(config.state_dir)
     breaker = _guard(lambda: store.get_switch(BREAKER))
     cleared = [name for name in (PAUSE, BREAKER) if _guard(lambda name=name: store.clear_switch(name))]
+    _guard(lambda: store.set_switch(RESUMED, {"at": time.time()}))
     if not cleared:
-        click.echo("nothing to resume: watch was neither paused nor stopped by the breaker")
+        click.echo("nothing to resume: watch was neither paused nor stopped by the breaker; cooldowns and the action budget start afresh")
         return
     if breaker:
         click.echo(f"breaker closed (it opened after run {breaker.get('run_id')}: {breaker.get('reason')})")
     if PAUSE in cleared:
         click.echo("pause cleared")
-    click.echo("cfheal watch may act again")
+    click.echo("cfheal watch may act again; cooldowns and the action budget start afresh")
 
 
 @main.command()

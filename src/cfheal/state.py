@@ -118,10 +118,12 @@ class Store:
         return _merge_row(*row) if row else None
 
     def last_rollout(self) -> dict[str, Any] | None:
-        """Return the newest recorded run that restarted backends, or None."""
+        """Return the newest recorded run whose rollout restarted every batch, or None.
+
+        An aborted rollout never cleared the limit, so the limit cannot have come back after it.
+        """
         for report in self.list_runs(limit=50):
-            batches = (report.get("rollout") or {}).get("batches") or []
-            if report.get("finished_at") and any(batch.get("restarted") for batch in batches):
+            if report.get("finished_at") and (report.get("rollout") or {}).get("outcome") == "completed":
                 return report
         return None
 

@@ -25,7 +25,7 @@ from .state import LockHeld, Store, run_lock
 
 log = structlog.get_logger("cfheal.watch")
 
-BREAKER, PAUSE = "breaker", "pause"
+BREAKER, PAUSE, RESUMED = "breaker", "pause", "resumed"
 # Outcomes after which acting again without a person would risk a restart loop.
 _OPENS_BREAKER = frozenset({"aborted", "not_recovered", "escalated", "escalation_failed", "interrupted"})
 
@@ -55,7 +55,10 @@ def envelope_blocker(plan: Plan, store: Store, config: Config, now: float) -> st
         return f"breaker open since {breaker['since']} after run {breaker.get('run_id')} ({breaker.get('reason')}); check the hosts, then run cfheal resume"
 
     settings = config.watch
-    recent = store.actions_since(now - settings.action_window)
+    # cfheal resume is a person taking responsibility: actions before it no longer count.
+    resumed = store.get_switch(RESUMED)
+    floor = max(now - settings.action_window, resumed["at"] if resumed else 0.0)
+    recent = store.actions_since(floor)
     runs = {action["run_id"] for action in recent}
     if len(runs) >= settings.max_actions:
         return f"budget used: {len(runs)} remediations in the last {settings.action_window:g}s (max_actions {settings.max_actions})"
@@ -83,6 +86,8 @@ class Watcher:
         self.streak = Streak()
         self.evaluations = 0
         self._controller = Controller(config, playbook)
+        self._last_withheld: str | None = None
+        self._last_withheld_notice: str | None = None
 
     def request_evaluation(self, source: str) -> None:
         self.wake.set()
@@ -113,6 +118,8 @@ class Watcher:
             log.info("watch_stopped", evaluations=self.evaluations)
 
     def evaluate_once(self) -> None:
+        # Each remediation binds its run id; an evaluation outside a run must not carry the last one.
+        structlog.contextvars.clear_contextvars()
         diagnosis = self._controller.detect()
         self.evaluations += 1
         self.metrics.observe_diagnosis(diagnosis)
@@ -135,6 +142,15 @@ class Watcher:
 
     def remediate(self) -> RunReport | None:
         """Run the playbook once, inside the envelope and under the single-actor lock."""
+        # The pause and the breaker withhold every plan, so no run is started while either holds;
+        # cooldown and budget depend on the plan and are checked by the guard inside the run.
+        held = self._switch_blocker()
+        if held:
+            if held != self._last_withheld:
+                log.warning("remediation_withheld", reason=held)
+                self._last_withheld = held
+            return None
+        self._last_withheld = None
         try:
             with run_lock(self.config.state_dir):
                 return self._remediate_locked()
@@ -172,6 +188,13 @@ class Watcher:
             self.store.record_actions(report.run_id, "plan_upgrade", [report.upgrade_request["id"]])
         self.metrics.observe_run(report.outcome or "unknown", report.timings_ms)
 
+        if report.outcome == "withheld":
+            # Withheld evaluations repeat every interval while the limit holds; people hear of it once per reason.
+            if report.reason != self._last_withheld_notice:
+                self.notifier.send("outcome", f"withheld: {report.reason}", run_id=report.run_id, outcome=report.outcome)
+                self._last_withheld_notice = report.reason
+            return
+        self._last_withheld_notice = None
         self.notifier.send("outcome", f"{report.outcome}: {report.reason}", run_id=report.run_id, outcome=report.outcome)
         if report.upgrade_request is not None:
             self.notifier.send("escalation", report.reason, run_id=report.run_id, request_id=report.upgrade_request["id"])
@@ -180,6 +203,15 @@ class Watcher:
             log.error("breaker_opened", outcome=report.outcome, reason=report.reason)
             self.notifier.send("breaker", f"watch stopped acting after run {report.run_id} ({report.outcome}); a person must check and run cfheal resume", run_id=report.run_id)
         self._refresh_switch_gauges()
+
+    def _switch_blocker(self) -> str | None:
+        paused = self.store.get_switch(PAUSE)
+        if paused:
+            return f"paused since {paused['since']} ({paused.get('reason') or 'no reason given'}); run cfheal resume to let watch act"
+        breaker = self.store.get_switch(BREAKER)
+        if breaker:
+            return f"breaker open since {breaker['since']} after run {breaker.get('run_id')} ({breaker.get('reason')}); check the hosts, then run cfheal resume"
+        return None
 
     def _report_dead_runs(self) -> None:
         for run in self.store.recover_dead_runs():
