@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import engine
 import sshd
 import standin
 from layout import (
+    CFHEAL_STATE_DIR,
     BEYOND_LIMIT_LIVE_CLIENTS,
     CLOUDFLARE_BASE_URL,
     CLOUDFLARE_TOKEN_FILE,
@@ -395,6 +397,10 @@ def command_reset(args: argparse.Namespace) -> int:
             actions.append(f"{host.name}: recreated {CONTAINER_NAME}")
     # Before ensure_lab, because a stopped stand-in cannot start with an invalid scenario file.
     actions.append(standin.reset_standin())
+    # A reset lab has no past incident: cfheal's history, breaker and requests for it go too.
+    if CFHEAL_STATE_DIR.exists():
+        shutil.rmtree(CFHEAL_STATE_DIR)
+        actions.append(f"cleared cfheal state in {CFHEAL_STATE_DIR}")
     ensure_lab(actions.append)
     wait_for_edge(require_upgrade=True)
     summary = "; ".join(actions) if actions else "nothing to change"

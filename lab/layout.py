@@ -16,6 +16,8 @@ LAB_CODE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = LAB_CODE_DIR.parent
 
 SSH_DIR = LAB_ROOT / "ssh"
+# cfheal's own state for config/lab.yaml (run history, breaker, plan-upgrade requests).
+CFHEAL_STATE_DIR = LAB_ROOT / "state"
 SSH_CLIENT_KEY = SSH_DIR / "id_ed25519"
 SSH_AUTHORIZED_KEYS = SSH_DIR / "authorized_keys"
 SSH_KNOWN_HOSTS = SSH_DIR / "known_hosts"
