@@ -49,6 +49,7 @@ def test_limit_beyond_plan_escalates_to_one_purchase(healthy_lab, lab_config):
     assert dry_code == 0
     assert dry["plan"]["kind"] == "plan_upgrade"
     assert dry["rollout"] is None
+    assert dry["upgrade_request"]["id"] == run["upgrade_request"]["id"]
     assert dry["upgrade_request"]["api_call"]["method"] == "POST"
     assert writes_before_approval == []
     assert list_code == 0
@@ -71,4 +72,25 @@ def test_dry_run_never_writes(healthy_lab, lab_config):
     assert code == 0
     assert report["outcome"] == "planned"
     assert report["plan"]["kind"] == "rollout"
+    assert report["rollout"] is None
     assert standin_writes() == []
+
+
+def test_dry_run_escalation_drafts_without_storing(healthy_lab, lab_config):
+    config = lab_config(confirm__timeout="4s", steps__1__submit="auto")
+    lab("saturate", "--beyond-limit")
+    cfheal_json("run", "-c", str(config), "--yes")
+    state = json.loads(cfheal("requests", "-c", str(config), "--output", "json").stdout)
+    writes_after_run = standin_writes()
+    lab("saturate", "--beyond-limit")
+
+    code, report = cfheal_json("run", "-c", str(config), "--dry-run")
+
+    assert [request["status"] for request in state] == ["submitted"]
+    assert len(writes_after_run) == 1
+    assert code == 0
+    assert report["plan"]["kind"] == "plan_upgrade"
+    assert report["upgrade_request"]["status"] == "draft"
+    assert report["upgrade_request"]["target_plan"]["legacy_id"] == "business"
+    assert standin_writes() == writes_after_run
+    assert len(json.loads(cfheal("requests", "-c", str(config), "--output", "json").stdout)) == 1

@@ -219,9 +219,10 @@ class Controller:
             return
 
         existing = self._pending_request()
-        if existing is not None and not dry_run:
+        if existing is not None:
             report.upgrade_request = existing
-            self._finish(report, "escalated", f"plan-upgrade request {existing['id']} is already pending; approve it with cfheal approve {existing['id']}")
+            outcome, prefix = ("planned", "dry run: ") if dry_run else ("escalated", "")
+            self._finish(report, outcome, f"{prefix}plan-upgrade request {existing['id']} is already pending, so no other is prepared; approve it with cfheal approve {existing['id']}")
             return
 
         try:
@@ -231,6 +232,7 @@ class Controller:
             return
 
         if dry_run:
+            request.status = "draft"
             report.upgrade_request = request.to_dict()
             self._finish(report, "planned", f"dry run: would prepare plan-upgrade request to {request.target_plan['name']}; nothing stored or sent")
             return
