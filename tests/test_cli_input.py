@@ -142,3 +142,45 @@ def test_run_without_terminal_or_yes_refuses(config_dir):
     result = cfheal("run", "-c", str(write_config(config_dir)))
 
     assert_clean_failure(result, "--yes")
+
+
+class TestStateCommands:
+    def test_history_empty(self, config_dir):
+        result = cfheal("history", "-c", str(write_config(config_dir)))
+
+        assert result.returncode == 0
+        assert "no runs recorded yet" in result.stdout
+
+    def test_show_unknown_run_says_how_to_list(self, config_dir):
+        result = cfheal("show", "nope", "-c", str(write_config(config_dir)))
+
+        assert result.returncode == 1
+        assert "no run 'nope'" in result.stderr
+        assert "cfheal history" in result.stderr
+
+    def test_pause_then_resume(self, config_dir):
+        config = str(write_config(config_dir))
+
+        paused = cfheal("pause", "-c", config, "--reason", "maintenance")
+        resumed = cfheal("resume", "-c", config)
+        again = cfheal("resume", "-c", config)
+
+        assert paused.returncode == 0
+        assert "will not act" in paused.stdout
+        assert "pause cleared" in resumed.stdout
+        assert "nothing to resume" in again.stdout
+
+    def test_trigger_without_watch_names_address(self, config_dir):
+        config = write_config(config_dir, watch={"listen": "127.0.0.1:9"})
+
+        result = cfheal("trigger", "-c", str(config))
+
+        assert result.returncode == 1
+        assert "no cfheal watch answers on 127.0.0.1:9" in result.stderr
+
+    def test_approve_unknown_request(self, config_dir):
+        result = cfheal("approve", "upg-missing", "-c", str(write_config(config_dir)), "--yes")
+
+        assert result.returncode == 1
+        assert "no request 'upg-missing'" in result.stderr
+        assert "Traceback" not in result.stderr
