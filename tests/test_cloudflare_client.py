@@ -222,7 +222,7 @@ class TestBadAnswers:
     def test_timeout_is_temporary(self, api, standin):
         standin.add_fault("GET", f"/zones/{ZONE_ID}", "delay", seconds=5, count=5)
 
-        with pytest.raises(CloudflareAPIError, match="in time") as caught:
+        with pytest.raises(CloudflareAPIError, match="timed out") as caught:
             api(timeout=0.3, read_attempts=2).zone()
 
         assert caught.value.temporary

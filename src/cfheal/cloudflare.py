@@ -1,7 +1,7 @@
 """Cloudflare's API through the official SDK: the zone's plan, evidence, and a plan change.
 
-Reads are retried here, on rate limits, 5xx and timeouts, honouring Retry-After up to a
-bound; the SDK's own retries are switched off so one policy applies and every retry is
+Reads are retried here on rate limits, 5xx and timeouts, honouring Retry-After up to a
+bound. The SDK's own retries are switched off, so one policy applies and every retry is
 logged with Cloudflare's original error. A plan change is sent exactly once and never
 retried, because the SDK would resend a POST or PUT with no idempotency key.
 """
@@ -56,7 +56,7 @@ query EdgeErrors($zoneTag: string, $since: Time, $until: Time) {
 
 
 class CloudflareAPIError(CfhealError):
-    """A Cloudflare API call failed. ``temporary`` says whether a later retry can help."""
+    """A Cloudflare API call failed. ``temporary`` is true when a later retry can help."""
 
     def __init__(self, message: str, *, operation: str, status: int | None = None, codes: tuple[int, ...] = (), temporary: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -153,7 +153,7 @@ class CloudflareAPI:
             raise
 
     def pool_health(self, pool_id: str) -> dict[str, Any]:
-        # Read raw: the answer is keyed by region, then origin address, unlike the SDK's type.
+        # Read raw: the response is keyed by region, then origin address, unlike the SDK's type.
         account = self._require_account("pool_health")
         return self._read("pool_health", lambda: self._raw_get(f"/accounts/{account}/load_balancers/pools/{pool_id}/health"))
 
@@ -205,7 +205,7 @@ class CloudflareAPI:
 
 def _unwrap(answer: Any, operation: str) -> Any:
     if not isinstance(answer, dict):
-        raise CloudflareAPIError(f"Cloudflare answered {operation} with a body that is not a JSON object; try again later", operation=operation, temporary=True)
+        raise CloudflareAPIError(f"Cloudflare responded to {operation} with a body that is not a JSON object; try again later", operation=operation, temporary=True)
     if answer.get("success") is False:
         codes = tuple(int(item.get("code", 0)) for item in answer.get("errors") or [])
         raise CloudflareAPIError(f"Cloudflare rejected {operation}: {answer.get('errors')}", operation=operation, codes=codes)
@@ -214,7 +214,7 @@ def _unwrap(answer: Any, operation: str) -> Any:
 
 def _parse_edge_errors(body: Any) -> dict[int, int]:
     if not isinstance(body, dict):
-        raise CloudflareAPIError("GraphQL analytics answered with a body that is not JSON", operation="edge_errors", temporary=True)
+        raise CloudflareAPIError("GraphQL analytics responded with a body that is not JSON", operation="edge_errors", temporary=True)
     if body.get("errors"):
         messages = "; ".join(str(item.get("message", item)) for item in body["errors"])
         raise CloudflareAPIError(f"GraphQL analytics returned errors: {messages}", operation="edge_errors")
@@ -227,14 +227,14 @@ def _parse_edge_errors(body: Any) -> dict[int, int]:
 
 
 def _translate(error: Exception, operation: str) -> CloudflareAPIError:
-    """Map an SDK or transport exception to a CloudflareAPIError that says what to do."""
+    """Map an SDK or transport exception to a CloudflareAPIError whose message names the fix."""
     permission = _PERMISSIONS.get(operation, "the permission for this call")
     if isinstance(error, cloudflare.APITimeoutError):
-        return CloudflareAPIError(f"Cloudflare did not answer {operation} in time", operation=operation, temporary=True)
+        return CloudflareAPIError(f"Cloudflare request {operation} timed out", operation=operation, temporary=True)
     if isinstance(error, cloudflare.APIConnectionError):
         return CloudflareAPIError(f"cannot reach the Cloudflare API for {operation}: {error}", operation=operation, temporary=True)
     if isinstance(error, cloudflare.APIResponseValidationError):
-        return CloudflareAPIError(f"Cloudflare answered {operation} with an unexpected body; try again later", operation=operation, status=error.status_code, temporary=True)
+        return CloudflareAPIError(f"Cloudflare responded to {operation} with an unexpected body; try again later", operation=operation, status=error.status_code, temporary=True)
     if not isinstance(error, cloudflare.APIStatusError):
         return CloudflareAPIError(f"{operation} failed: {type(error).__name__}: {error}", operation=operation)
 

@@ -2,7 +2,7 @@
 
 Everything lives in the state directory: SQLite (``cfheal.db``) for what later commands and
 people read, and an flock on ``run.lock`` for who may act. The kernel releases an flock when
-its holder dies, even by kill -9, so a dead controller never leaves a stale lock; a run it
+its holder dies, even by kill -9, so a dead controller never leaves a stale lock. A run it
 left unfinished is found by its recorded pid and reported as interrupted on the next start.
 """
 

@@ -142,13 +142,13 @@ class Watcher:
 
     def remediate(self) -> RunReport | None:
         """Run the playbook once, inside the envelope and under the single-actor lock."""
-        # The pause and the breaker withhold every plan, so no run is started while either holds;
-        # cooldown and budget depend on the plan and are checked by the guard inside the run.
-        held = self._switch_blocker()
-        if held:
-            if held != self._last_withheld:
-                log.warning("remediation_withheld", reason=held)
-                self._last_withheld = held
+        # The pause and the breaker withhold every plan, so no run starts while either is set.
+        # Cooldown and budget depend on the plan, so the guard inside the run checks those.
+        blocker = self._switch_blocker()
+        if blocker:
+            if blocker != self._last_withheld:
+                log.warning("remediation_withheld", reason=blocker)
+                self._last_withheld = blocker
             return None
         self._last_withheld = None
         try:
