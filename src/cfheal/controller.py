@@ -257,7 +257,12 @@ class Controller:
     def _upgrade_evidence(self, report: RunReport, previous: dict[str, Any] | None) -> dict[str, Any]:
         """Collect what an approver needs: what was seen, what was restarted, how soon it came back."""
         diagnosis = report.diagnosis
-        rollout = report.rollout.restarted if report.rollout else (_restarted(previous) if previous else [])
+        if report.rollout is not None:
+            rollout = report.rollout.restarted
+        elif previous is not None:
+            rollout = _restarted(previous)
+        else:
+            rollout = []
         return {
             "diagnosis": str(diagnosis.kind),
             "reason": diagnosis.reason,
@@ -292,7 +297,8 @@ class Controller:
         report.timings_ms["rollout"] = _since(started)
 
         if report.rollout.outcome != "completed":
-            # A stop request (Ctrl-C, SIGTERM) lets the batch in flight finish; say so plainly.
+            # A stop request (Ctrl-C, SIGTERM) lets the batch in flight finish, so the run is
+            # recorded as interrupted rather than as a failed rollout.
             outcome = "interrupted" if should_stop() else "aborted"
             self._finish(report, outcome, report.rollout.reason)
 
