@@ -68,6 +68,10 @@ class SSHSettings(StrictModel):
     connect_timeout: Duration = 10.0
     command_timeout: Duration = 30.0
     connect_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    # Maximum channels (remote commands and Docker API connections) that cfheal keeps open at
+    # once on a host's single SSH connection. Keep it at or below the MaxSessions of the host's
+    # sshd (OpenSSH's default is 10), which rejects any channel beyond that.
+    max_sessions: Annotated[int, Field(ge=1, le=64)] = 4
 
     @field_validator("key_file", "known_hosts")
     @classmethod

@@ -2,7 +2,8 @@
 
 The SDK's ``ssh://`` transport would build its own paramiko client from ~/.ssh/config, with
 no key path from cfheal's configuration and no connect timeout. ``engine_client`` instead
-hands the SDK the session cfheal opened, with strict host keys and bounded connects.
+hands the SDK channels of the session cfheal opened, with strict host keys, bounded connects,
+and the session's limit of ``ssh.max_sessions`` channels shared with cfheal's own commands.
 """
 
 from __future__ import annotations
@@ -12,34 +13,84 @@ from dataclasses import dataclass
 import docker
 import paramiko
 import requests
-from docker.transport.sshconn import SSHHTTPAdapter
+import urllib3
+from docker.transport.basehttpadapter import BaseHTTPAdapter
 
-from .errors import ContainerError, HostUnreachable
-from .hosts import SSHSession
+from .errors import ContainerError, HostError
+from .hosts import SSHSession, channel_wait_timed_out
 
 # The lowest API version cfheal needs (Docker Engine 20.10); fixing it skips a version
 # round trip on every connection.
 DOCKER_API_VERSION = "1.41"
 
 
-class _SessionAdapter(SSHHTTPAdapter):
-    """The SDK's SSH adapter, bound to a paramiko client that cfheal already connected."""
+class _SessionConnection(urllib3.connection.HTTPConnection):
+    """One HTTP connection to the engine: a session channel running ``docker system dial-stdio``."""
 
     def __init__(self, session: SSHSession, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
         self._session = session
-        super().__init__("ssh://cfheal-session", timeout=timeout, shell_out=False)
+        self._channel_timeout = timeout
+        self._channel: paramiko.Channel | None = None
 
-    def _create_paramiko_client(self, base_url: str) -> None:
-        self.ssh_client = self._session.client
-        self.ssh_params = {}
+    def connect(self) -> None:
+        # open_channel bounds the wait for a free channel, the channel open and the exec reply.
+        # urllib3 then sets each request's read timeout on the channel.
+        self._channel = self._session.open_channel("docker system dial-stdio", timeout=self._channel_timeout)
+        self.sock = self._channel
 
-    def _connect(self) -> None:
-        # The SDK reconnects here with its own settings, or falls back to the ssh binary when
-        # there is no transport; cfheal's session must stay the only way in.
-        transport = self.ssh_client.get_transport()
-        if transport is None or not transport.is_active():
-            target = self._session.target
-            raise HostUnreachable(f"SSH connection to {target.where} was lost", host=target.name, address=target.address, port=target.port)
+    def close(self) -> None:
+        channel, self._channel = self._channel, None
+        try:
+            super().close()
+        finally:
+            if channel is not None:
+                self._session.close_channel(channel)
+
+
+class _SessionPool(urllib3.connectionpool.HTTPConnectionPool):
+    """At most ``maxsize`` requests at once; an extra request waits up to ``timeout`` seconds."""
+
+    def __init__(self, session: SSHSession, timeout: float, maxsize: int) -> None:
+        super().__init__("localhost", timeout=timeout, maxsize=maxsize, block=True)
+        self._session = session
+        self._wait = timeout
+
+    def _new_conn(self) -> _SessionConnection:
+        return _SessionConnection(self._session, self._wait)
+
+    def _get_conn(self, timeout: float | None = None):
+        # requests passes no pool timeout, and a blocking pool would otherwise wait for good.
+        # The EmptyPoolError raised after the wait must stay urllib3's own: urlopen relies on
+        # it to know that no connection was taken from the pool.
+        return super()._get_conn(timeout=self._wait if timeout is None else timeout)
+
+    def _put_conn(self, conn) -> None:
+        # An idle channel kept for reuse still counts against the host's sshd MaxSessions and
+        # takes a place that cfheal's own commands may need, so it is closed at once.
+        if conn is not None:
+            conn.close()
+        super()._put_conn(None)
+
+
+class _SessionAdapter(BaseHTTPAdapter):
+    """Sends the SDK's requests over channels of a session that cfheal already connected."""
+
+    def __init__(self, session: SSHSession, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self.max_pool_size = session.target.max_sessions
+        self._pool = _SessionPool(session, timeout, self.max_pool_size)
+
+    def get_connection(self, url, proxies=None) -> _SessionPool:
+        # One pool for every URL: the SDK's own adapter keeps one per URL, which would
+        # multiply max_pool_size by the number of endpoints used.
+        return self._pool
+
+    def close(self) -> None:
+        # The SSH connection belongs to cfheal's session and outlives this client.
+        super().close()
+        self._pool.close()
 
 
 def engine_client(session: SSHSession, *, timeout: float) -> docker.APIClient:
@@ -71,6 +122,8 @@ class Engine:
 
     def __init__(self, session: SSHSession, *, timeout: float) -> None:
         self.host = session.target.name
+        self._target = session.target
+        self._timeout = timeout
         self._api = engine_client(session, timeout=timeout)
 
     def close(self) -> None:
@@ -94,9 +147,14 @@ class Engine:
     def _call(self, container: str, verb: str, function, *args, **kwargs):
         try:
             return function(*args, **kwargs)
+        except HostError:
+            # Already names the host, its address and port, and the limit or timeout that was hit.
+            raise
+        except urllib3.exceptions.EmptyPoolError as error:
+            raise channel_wait_timed_out(self._target, self._timeout) from error
         except docker.errors.NotFound as error:
-            raise ContainerError(f"container {container!r} not found on {self.host}", host=self.host, container=container) from error
+            raise ContainerError(f"container {container!r} not found on {self._target.where}", host=self.host, container=container) from error
         except docker.errors.APIError as error:
-            raise ContainerError(f"Docker engine on {self.host} failed to {verb} {container!r}: {error.explanation or error}", host=self.host, container=container) from error
-        except (requests.exceptions.RequestException, paramiko.SSHException, OSError) as error:
-            raise ContainerError(f"lost contact with the Docker engine on {self.host} during {verb} of {container!r}: {error}", host=self.host, container=container) from error
+            raise ContainerError(f"Docker engine on {self._target.where} failed to {verb} {container!r}: {error.explanation or error}", host=self.host, container=container) from error
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, paramiko.SSHException, OSError) as error:
+            raise ContainerError(f"lost contact with the Docker engine on {self._target.where} during {verb} of {container!r}: {error}", host=self.host, container=container) from error

@@ -4,6 +4,7 @@
     ├── ConfigError                a configuration or playbook file is invalid
     ├── HostError                  a backend host could not be verified or driven
     │   ├── HostUnreachable        TCP connect, SSH banner or session timed out or failed (temporary)
+    │   │   └── SSHLimitReached    sshd's MaxStartups or MaxSessions, or cfheal's ssh.max_sessions, was hit
     │   ├── HostKeyRejected        known_hosts has no key, or a different key, for host and port (permanent)
     │   ├── AuthenticationFailed   the host refused the login (permanent)
     │   └── RemoteCommandFailed    a command on the host exited non-zero or timed out
@@ -29,9 +30,11 @@ class HostError(CfhealError):
     """A backend host could not be verified or driven.
 
     ``temporary`` says whether trying again later can help; permanent errors are never retried.
+    ``fault`` is the kind of failure as one snake_case word, for reports and log events.
     """
 
     temporary = False
+    fault = "host_error"
 
     def __init__(self, message: str, *, host: str, address: str, port: int) -> None:
         super().__init__(message)
@@ -39,21 +42,47 @@ class HostError(CfhealError):
         self.address = address
         self.port = port
 
+    def shared_with(self, host: str) -> "HostError":
+        """Return this error as met by ``host``, another configured host at the same address and port."""
+        error = type(self).__new__(type(self))
+        error.__dict__.update(self.__dict__)
+        error.args = (f"{host}: same address and port as {self.host}, whose connect failed just now: {self}",)
+        error.host = host
+        error.__cause__ = self
+        return error
+
 
 class HostUnreachable(HostError):
     temporary = True
+    fault = "unreachable"
+
+
+class SSHLimitReached(HostUnreachable):
+    """A connection or channel was refused because a limit was reached.
+
+    ``limit`` names it: sshd's ``MaxStartups`` or ``MaxSessions``, or cfheal's own
+    ``ssh.max_sessions``.
+    """
+
+    fault = "ssh_limit_reached"
+
+    def __init__(self, message: str, *, host: str, address: str, port: int, limit: str) -> None:
+        super().__init__(message, host=host, address=address, port=port)
+        self.limit = limit
 
 
 class HostKeyRejected(HostError):
-    pass
+    fault = "host_key_rejected"
 
 
 class AuthenticationFailed(HostError):
-    pass
+    fault = "authentication_failed"
 
 
 class RemoteCommandFailed(HostError):
     """A remote command failed; carries the command, exit status and the end of both streams."""
+
+    fault = "command_failed"
 
     def __init__(
         self,
