@@ -1,7 +1,8 @@
 """Verify backend hosts over SSH: container state, log errors, established connections.
 
 Each host is verified on its own SSH session, all hosts in parallel; a host that fails is
-reported with the reason instead of raising, so one run always shows every host.
+reported with the reason instead of raising, so one run always shows every host. Hosts
+listed more than once at one address and port share one SSH connection (see hosts.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from .config import Config, ContainerSettings, HostSettings
-from .errors import CfhealError, HostError
+from .errors import CfhealError, HostError, RemoteCommandFailed
 from ._threads import map_in_threads
 from .hosts import HostTarget, SSHSession
 
@@ -46,6 +47,9 @@ class HostReport:
     port: int
     containers: list[ContainerReport] = field(default_factory=list)
     error: str | None = None
+    # Kind of failure when ``error`` is set: unreachable, ssh_limit_reached, host_key_rejected,
+    # authentication_failed, command_failed, host_error, or error for any other cfheal error.
+    fault: str | None = None
     duration_ms: int = 0
 
     @property
@@ -77,8 +81,9 @@ def verify_host(target: HostTarget, host: HostSettings, scan: LogScanSettings) -
             containers = [_verify_container(session, container, scan) for container in host.containers]
     except CfhealError as error:
         duration_ms = _elapsed_ms(started)
-        log.error("host_verification_failed", host=host.name, address=target.address, port=target.port, error=str(error), duration_ms=duration_ms)
-        return HostReport(host.name, target.address, target.port, error=str(error), duration_ms=duration_ms)
+        fault = error.fault if isinstance(error, HostError) else "error"
+        log.error("host_verification_failed", host=host.name, address=target.address, port=target.port, fault=fault, error=str(error), duration_ms=duration_ms)
+        return HostReport(host.name, target.address, target.port, error=str(error), fault=fault, duration_ms=duration_ms)
 
     duration_ms = _elapsed_ms(started)
     for container in containers:
@@ -142,22 +147,37 @@ def _scan_logs(session: SSHSession, name: str, scan: LogScanSettings) -> tuple[i
     errors, scanned, samples = 0, 0, []
     for raw in session.stream_lines(command, max_line_bytes=scan.max_line_bytes):
         scanned += 1
-        line = raw.decode("utf-8", errors="replace")
-        if any(pattern.search(line) for pattern in scan.patterns):
+        readings = _readings(raw)
+        if any(pattern.search(text) for pattern in scan.patterns for text in readings):
             errors += 1
             if len(samples) < _MAX_SAMPLES:
-                samples.append(line[:_SAMPLE_CHARS])
+                samples.append(readings[0][:_SAMPLE_CHARS])
     return errors, samples, scanned
+
+
+def _readings(raw: bytes) -> tuple[str, ...]:
+    """Return the texts a log line is matched as: its UTF-8 text, or two readings if not UTF-8."""
+    try:
+        return (raw.decode("utf-8"),)
+    except UnicodeDecodeError:
+        # Invalid bytes become U+FFFD, which no word pattern matches, so "\xff\xfeERROR" still
+        # matches \bERROR\b. A legacy 8-bit line is also read as Latin-1, so a pattern with
+        # accented letters can match it. Samples use the first reading, valid in any JSON.
+        return (raw.decode("utf-8", "replace"), raw.decode("latin-1"))
 
 
 def _count_established(session: SSHSession, container: ContainerSettings) -> int | None:
     selector = f"src {container.listen}" if container.listen else f"sport = :{container.origin_port}"
-    result = session.run(f"ss -Htn state established {shlex.quote(selector)}")
-    if result.exit_status != 0:
+    # Streamed and counted, never held: a saturated backend can have 100,000 connections.
+    command = f"ss -Htn state established {shlex.quote(selector)}"
+    try:
+        return sum(1 for line in session.stream_lines(command, combine_stderr=False) if line.strip())
+    except RemoteCommandFailed as error:
+        if error.exit_status is None:
+            raise
         # A host without ss still gets verified; the count is evidence, not a gate.
-        log.warning("connection_count_unavailable", host=session.target.name, container=container.name, error=result.stderr.strip()[-200:])
+        log.warning("connection_count_unavailable", host=session.target.name, container=container.name, error=(error.stderr_tail or str(error)).strip()[-200:])
         return None
-    return sum(1 for line in result.stdout.splitlines() if line.strip())
 
 
 def _elapsed_ms(started: float) -> int:
