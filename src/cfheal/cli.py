@@ -63,7 +63,7 @@ def check(config_path: Path, output: str) -> None:
     console = _console(output)
     report = start_report("check")
 
-    controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
+    controller = Controller(config, playbook, notify=_progress(console, output))
     try:
         _guard(lambda: controller.check(report))
     finally:
@@ -90,12 +90,14 @@ def run(config_path: Path, output: str, dry_run: bool, yes: bool) -> None:
 
     console = _console(output)
     report = start_report("run --dry-run" if dry_run else "run")
-    controller = Controller(config, playbook, notify=lambda message: console.print(f"[dim]> {message}[/]"))
+    controller = Controller(config, playbook, notify=_progress(console, output))
     stop = threading.Event()
 
     def confirm(plan: Plan) -> bool:
-        render_plan(console, plan)
-        console.print("[dim]Ctrl-C during the rollout stops it after the batch in flight.[/]")
+        # A person confirming needs the plan in front of them; --yes with --output json has no reader.
+        if not (yes and output == "json"):
+            render_plan(console, plan)
+            console.print("[dim]Ctrl-C during the rollout stops it after the batch in flight.[/]")
         return yes or click.confirm("Execute this plan?", default=False, err=output == "json")
 
     store = Store(config.state_dir)
@@ -148,7 +150,8 @@ def approve(config_path: Path, output: str, request_id: str, yes: bool) -> None:
         request = _guard(lambda: load_request(config.state_dir, request_id))
         if request.status != PENDING:
             _fail(f"request {request.id} is {request.status} ({request.status_reason or 'no detail'}); nothing was sent", EXIT_FAULT)
-        console.print(render_markdown(request))
+        if not (yes and output == "json"):
+            console.print(render_markdown(request))
         if not yes and not click.confirm(f"Send {request.api_call['method']} {request.api_call['path']} to Cloudflare?", default=False, err=output == "json"):
             _fail("not approved; nothing was sent", EXIT_FAULT)
 
@@ -318,6 +321,13 @@ class _stop_on_interrupt:
             raise KeyboardInterrupt
         self._stop.set()
         self._console.print("[bold yellow]Stopping after the batch in flight; no new batch will start. Ctrl-C again quits at once.[/]")
+
+
+def _progress(console: Console, output: str):
+    # With --output json, the log events on stderr carry the progress, so stderr stays JSON lines.
+    if output == "json":
+        return lambda message: None
+    return lambda message: console.print(f"[dim]> {message}[/]")
 
 
 def _console(output: str) -> Console:
