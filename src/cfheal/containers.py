@@ -8,6 +8,7 @@ and the session's limit of ``ssh.max_sessions`` channels shared with cfheal's ow
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import docker
@@ -140,9 +141,49 @@ class Engine:
             health=(state.get("Health") or {}).get("Status"),
         )
 
-    def restart(self, container: str, *, grace_period: float) -> None:
-        """Stop ``container`` (SIGTERM, then SIGKILL after ``grace_period``) and start it again."""
-        self._call(container, "restart", self._api.restart, container, timeout=max(1, round(grace_period)))
+    def restart(self, container: str, *, grace_period: float, confirm_within: float = 30.0) -> ContainerState | None:
+        """Stop ``container`` (SIGTERM, then SIGKILL after ``grace_period``) and start it again.
+
+        The request is sent once. dockerd 20.10 finishes a restart after its client stops
+        waiting, so a second request would stop the container again. When the response times
+        out, the container is inspected for up to ``confirm_within`` seconds instead, and a
+        moved StartedAt counts as the restart. Returns that state, or None when the engine
+        responded.
+        """
+        before = self.state(container)
+        seconds = max(1, round(grace_period))
+        try:
+            self._call(container, "restart", self._api.restart, container, timeout=seconds)
+            return None
+        except ContainerError as error:
+            if not _timed_out(error):
+                raise
+            timed_out = error
+
+        # NOTE: an engine that cancels the restart when its client disconnects leaves the
+        # container stopped. That shows up here as an unchanged StartedAt and is reported.
+        deadline = time.monotonic() + confirm_within
+        last_seen = f"status {before.status}"
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                state = self.state(container)
+            except ContainerError as error:
+                # dockerd holds the container's lock while a stop is stuck, so inspect waits too.
+                if not _timed_out(error):
+                    raise
+                last_seen = "inspect timed out too"
+                continue
+            if state.started_at != before.started_at:
+                return state
+            last_seen = f"status {state.status}"
+        raise ContainerError(
+            f"restart of {container!r} on {self._target.where}: the engine's response timed out, "
+            f"and the container's start time had not changed {confirm_within:g}s later ({last_seen}). "
+            f"cfheal sent no second restart. Check the container with docker inspect on the host before running cfheal again",
+            host=self.host,
+            container=container,
+        ) from timed_out
 
     def _call(self, container: str, verb: str, function, *args, **kwargs):
         try:
@@ -158,3 +199,8 @@ class Engine:
             raise ContainerError(f"Docker engine on {self._target.where} failed to {verb} {container!r}: {error.explanation or error}", host=self.host, container=container) from error
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, paramiko.SSHException, OSError) as error:
             raise ContainerError(f"lost contact with the Docker engine on {self._target.where} during {verb} of {container!r}: {error}", host=self.host, container=container) from error
+
+
+def _timed_out(error: ContainerError) -> bool:
+    """Return whether the request was sent but its response did not arrive in time."""
+    return isinstance(error.__cause__, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError))

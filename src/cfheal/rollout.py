@@ -100,12 +100,26 @@ def _restart_and_gate(target: RestartTarget, step: RollingRestart, engine: Engin
     try:
         before = engine.state(target.container)
         started = time.monotonic()
-        engine.restart(target.container, grace_period=step.stop_grace_period)
+        confirmed = engine.restart(target.container, grace_period=step.stop_grace_period, confirm_within=step.readiness.timeout)
     except CfhealError as error:
         log.error("container_restart_failed", host=target.host, container=target.container, error=str(error))
         return False, f"{target.label}: {error}"
 
-    log.info("container_restarted", host=target.host, container=target.container, duration_ms=round((time.monotonic() - started) * 1000))
+    duration_ms = round((time.monotonic() - started) * 1000)
+    if confirmed is not None:
+        # A rise in the count means that the restart policy started it again after a crash.
+        # The readiness gate decides whether that happened once or in a loop.
+        log.warning(
+            "container_restart_response_timed_out",
+            host=target.host,
+            container=target.container,
+            started_at_before=before.started_at,
+            started_at=confirmed.started_at,
+            restart_count_before=before.restart_count,
+            restart_count=confirmed.restart_count,
+            duration_ms=duration_ms,
+        )
+    log.info("container_restarted", host=target.host, container=target.container, duration_ms=duration_ms, confirmed_from_state=confirmed is not None)
     problem = wait_until_ready(target, before, step.readiness, engine, origin_timeout)
     if problem:
         log.error("readiness_gate_failed", host=target.host, container=target.container, reason=problem)
