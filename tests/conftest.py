@@ -123,3 +123,18 @@ def _set_dotted(document, keys, value) -> None:
         document[int(keys[-1])] = value
     else:
         document[keys[-1]] = value
+
+
+@pytest.fixture
+def lab_engine():
+    """Return a factory for Docker API clients on a lab host's engine socket, closed afterwards."""
+    clients = []
+
+    def open_engine(host: str) -> docker.APIClient:
+        client = docker.APIClient(base_url=f"unix:///run/cfheal-lab/{host}/docker.sock", version="1.41", timeout=30)
+        clients.append(client)
+        return client
+
+    yield open_engine
+    for client in clients:
+        client.close()

@@ -40,7 +40,7 @@ class EdgeSettings(StrictModel):
     quorum: Annotated[int, Field(ge=1)] = 3
     connect_timeout: Duration = 5.0
     spacing: Duration = 0.2
-    # The product in the Server header of the edge's own answers ("nginx" matches
+    # The product in the Server header of the edge's own responses ("nginx" matches
     # "nginx/1.22.1"). A 502 or 503 with another Server header and no Cloudflare page came from
     # a proxy behind the edge, so it is not the edge's connection limit.
     server: Annotated[str, Field(min_length=1, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(/\S*)?$")] = "cloudflare"

@@ -135,7 +135,9 @@ class Engine:
         state = document["State"]
         return ContainerState(
             status=state["Status"],
-            running=bool(state["Running"]),
+            # dockerd reports Running: true while a container waits out its restart policy's
+            # back-off (Status "restarting"), so a crash loop would pass for running.
+            running=bool(state["Running"]) and not state.get("Restarting", False),
             restart_count=int(document.get("RestartCount", 0)),
             started_at=state.get("StartedAt", ""),
             health=(state.get("Health") or {}).get("Status"),

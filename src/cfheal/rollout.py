@@ -137,10 +137,15 @@ def wait_until_ready(target: RestartTarget, before: ContainerState, gate: Readin
     deadline = time.monotonic() + gate.timeout
     stable_since: float | None = None
     baseline_restarts: int | None = None
+    first_restarts: int | None = None
+    last_restarts: int | None = None
     problem = "not checked yet"
 
     while time.monotonic() < deadline:
         state = _state_or_none(engine, target)
+        if state is not None and state.started_at != before.started_at:
+            first_restarts = state.restart_count if first_restarts is None else first_restarts
+            last_restarts = state.restart_count
         problem = _readiness_problem(state, before, baseline_restarts)
         if problem is None and gate.origin_must_answer:
             probe = probe_handshake(target.label, target.origin, timeout=origin_timeout)
@@ -158,6 +163,9 @@ def wait_until_ready(target: RestartTarget, before: ContainerState, gate: Readin
 
         time.sleep(gate.poll_interval)
 
+    if first_restarts is not None and last_restarts > first_restarts:
+        # The last problem alone can read like a slow start. The rising count shows the loop.
+        problem += f"; restart count rose from {first_restarts} to {last_restarts} during the gate: crash loop"
     return f"not ready after {gate.timeout:g}s: {problem}"
 
 
