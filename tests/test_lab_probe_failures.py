@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -429,37 +430,36 @@ def _drain(client, codes: list[int]) -> None:
 @pytest.mark.lab
 def test_client_churn_is_healthy(healthy_lab, lab_config):
     config = lab_config()
-    clients = [connect(EDGE_URL, open_timeout=5, proxy=None) for _ in range(9)]
     codes: list[int] = []
-    readers = [threading.Thread(target=_drain, args=(client, codes), daemon=True) for client in clients]
-    for reader in readers:
-        reader.start()
+    with ExitStack() as stack:
+        clients = [stack.enter_context(connect(EDGE_URL, open_timeout=5, proxy=None)) for _ in range(9)]
+        readers = [threading.Thread(target=_drain, args=(client, codes), daemon=True) for client in clients]
+        for reader in readers:
+            reader.start()
 
-    # Idle clients leave with 1001, and a backend killed without warning drops its clients (1006).
-    for client in clients[:3]:
-        client.close(code=1001, reason="idle")
-    engine = docker.APIClient(base_url="unix:///run/cfheal-lab/backend-2/docker.sock", version="1.41", timeout=30)
-    try:
-        engine.kill("ws-backend")
-        for reader in readers[:3]:
-            reader.join(timeout=5)
-        deadline = time.monotonic() + 10
-        while len(codes) < 5 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        engine.start("ws-backend")
-    finally:
-        engine.close()
-    deadline = time.monotonic() + 15
-    while probe_handshake("backend-2/ws-backend", "ws://127.0.0.12:8081/ws/", timeout=1.0).status != 101:
-        assert time.monotonic() < deadline, "backend-2 did not answer 101 within 15 s of its restart"
-        time.sleep(0.2)
-    before = start_times()
+        # Idle clients leave with 1001, and a backend killed without warning drops its clients (1006).
+        for client in clients[:3]:
+            client.close(code=1001, reason="idle")
+        engine = docker.APIClient(base_url="unix:///run/cfheal-lab/backend-2/docker.sock", version="1.41", timeout=30)
+        try:
+            engine.kill("ws-backend")
+            for reader in readers[:3]:
+                reader.join(timeout=5)
+            deadline = time.monotonic() + 10
+            while 1006 not in codes and time.monotonic() < deadline:
+                time.sleep(0.1)
+            engine.start("ws-backend")
+        finally:
+            engine.close()
+        deadline = time.monotonic() + 15
+        while probe_handshake("backend-2/ws-backend", "ws://127.0.0.12:8081/ws/", timeout=1.0).status != 101:
+            assert time.monotonic() < deadline, "backend-2 did not accept a handshake within 15 s of its restart"
+            time.sleep(0.2)
+        before = start_times()
 
-    check_code, check = cfheal_json("check", "-c", str(config))
-    run_code, run = cfheal_json("run", "-c", str(config), "--yes")
+        check_code, check = cfheal_json("check", "-c", str(config))
+        run_code, run = cfheal_json("run", "-c", str(config), "--yes")
 
-    for client in clients[3:]:
-        client.close()
     assert codes.count(1001) == 3
     assert 1006 in codes
     assert edge_status() == 101
