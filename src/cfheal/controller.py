@@ -132,7 +132,7 @@ class Controller:
         edge_results, origin_results = map_in_threads(
             lambda probe: probe(),
             [
-                lambda: probe_edge(edge.url, count=edge.probes, spacing=edge.spacing, timeout=edge.connect_timeout),
+                lambda: probe_edge(edge.url, count=edge.probes, spacing=edge.spacing, timeout=edge.connect_timeout, edge_server=edge.server),
                 lambda: probe_origins(targets, timeout=self.config.origins.connect_timeout),
             ],
             max_workers=2,
@@ -323,7 +323,7 @@ class Controller:
 
         deadline = started + confirm.delay + confirm.timeout
         while True:
-            results = probe_edge(edge.url, count=edge.probes, spacing=edge.spacing, timeout=edge.connect_timeout)
+            results = probe_edge(edge.url, count=edge.probes, spacing=edge.spacing, timeout=edge.connect_timeout, edge_server=edge.server)
             report.confirmation = results
             passed = sum(result.ok for result in results)
             if passed >= edge.quorum:

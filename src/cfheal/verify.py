@@ -107,7 +107,8 @@ def _verify_container(session: SSHSession, container: ContainerSettings, scan: L
     return ContainerReport(
         name=container.name,
         state=state["Status"],
-        running=bool(state.get("Running")),
+        # A container in restart back-off reports Running; it is not serving.
+        running=bool(state.get("Running")) and not state.get("Restarting"),
         restart_count=int(state.get("RestartCount", 0)),
         started_at=state.get("StartedAt", ""),
         health=(state.get("Health") or {}).get("Status"),
