@@ -8,6 +8,7 @@ and the session's limit of ``ssh.max_sessions`` channels shared with cfheal's ow
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,22 +57,33 @@ class _SessionPool(urllib3.connectionpool.HTTPConnectionPool):
         super().__init__("localhost", timeout=timeout, maxsize=maxsize, block=True)
         self._session = session
         self._wait = timeout
+        self._idle_kept = False
+        self._idle_lock = threading.Lock()
 
     def _new_conn(self) -> _SessionConnection:
         return _SessionConnection(self._session, self._wait)
+
+    def _put_conn(self, conn) -> None:
+        # One idle channel is kept: a new one costs a remote shell and a docker CLI start (about
+        # 0.1 s each on the lab), paid on every readiness poll otherwise. More idle channels
+        # would hold places against sshd's MaxSessions that cfheal's own commands may need.
+        with self._idle_lock:
+            if conn is not None and (self._idle_kept or conn.sock is None):
+                conn.close()
+                conn = None
+            elif conn is not None:
+                self._idle_kept = True
+        super()._put_conn(conn)
 
     def _get_conn(self, timeout: float | None = None):
         # requests passes no pool timeout, and a blocking pool would otherwise wait for good.
         # The EmptyPoolError raised after the wait must stay urllib3's own: urlopen relies on
         # it to know that no connection was taken from the pool.
-        return super()._get_conn(timeout=self._wait if timeout is None else timeout)
-
-    def _put_conn(self, conn) -> None:
-        # An idle channel kept for reuse still counts against the host's sshd MaxSessions and
-        # takes a place that cfheal's own commands may need, so it is closed at once.
-        if conn is not None:
-            conn.close()
-        super()._put_conn(None)
+        conn = super()._get_conn(timeout=self._wait if timeout is None else timeout)
+        if conn is not None and conn.sock is not None:
+            with self._idle_lock:
+                self._idle_kept = False
+        return conn
 
 
 class _SessionAdapter(BaseHTTPAdapter):
