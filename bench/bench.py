@@ -58,8 +58,11 @@ def describe(sample: dict) -> str:
 
 # Sections. Each returns the raw samples that report.py turns into figures.
 
-def rollout_section(count: int, repetitions: int, work: Path) -> dict:
-    """Floor, cfheal (two gate settings) and Ansible, alternating, each on a saturated edge."""
+def rollout_section(count: int, repetitions: int, work: Path, section: dict) -> None:
+    """Floor, cfheal (two gate settings) and Ansible, alternating, each on a saturated edge.
+
+    Samples go into ``section`` as they are taken, so a failure keeps the earlier ones.
+    """
     backends = labparts.lab_backends()
     extras = labparts.extra_backend_plan(count)
     if extras:
@@ -83,22 +86,22 @@ def rollout_section(count: int, repetitions: int, work: Path) -> dict:
             "floor": lambda: measure.floor_rollout(backends),
             "cfheal_bench_gates": lambda: measure.cfheal_rollout(config[BENCH_GATES]),
             "cfheal_zero_waits": lambda: measure.cfheal_rollout(config[ZERO_WAITS]),
-            "ansible": lambda: measure.ansible_rollout(work, inventory),
+            "ansible": lambda: measure.ansible_rollout(work, inventory, backends),
         }
         samples: dict[str, list[dict]] = {name: [] for name in ROLLOUT_METHODS}
+        section.update(backends=[f"{b.host.name}/{b.name}" for b in backends], samples=samples, saturate_retries=[])
         for turn in range(repetitions):
             for name in rotated(list(ROLLOUT_METHODS), turn):
-                measure.saturate()
+                measure.saturate(section["saturate_retries"])
                 sample = methods[name]()
                 samples[name].append(sample)
                 say(f"rollout {count} #{turn + 1} {name}: {describe(sample)}")
-        return {"backends": [f"{b.host.name}/{b.name}" for b in backends], "samples": samples}
     finally:
         if extras:
             labparts.remove_extra_backends()
 
 
-def detection_section(repetitions: int, work: Path) -> dict:
+def detection_section(repetitions: int, work: Path, section: dict) -> None:
     state_dir = work / "state-detection"
     config = configs.write_config(
         work / "detection.yaml",
@@ -107,15 +110,14 @@ def detection_section(repetitions: int, work: Path) -> dict:
         hosts=configs.host_entries(labparts.lab_backends()),
         watch={"interval": f"{DETECTION_INTERVAL_S:g}s", "settle_evaluations": DETECTION_SETTLE, "settle_time": "0s", "listen": DETECTION_LISTEN},
     )
-    samples = []
+    section.update(interval_s=DETECTION_INTERVAL_S, settle_evaluations=DETECTION_SETTLE, samples=[], saturate_retries=[])
     for turn in range(repetitions):
         # A fresh state directory: no cooldown, budget or breaker left by the previous turn.
         shutil.rmtree(state_dir, ignore_errors=True)
         lab("release")
-        sample = measure.detection(config, DETECTION_LISTEN, interval_s=DETECTION_INTERVAL_S, settle=DETECTION_SETTLE)
-        samples.append(sample)
+        sample = measure.detection(config, DETECTION_LISTEN, interval_s=DETECTION_INTERVAL_S, settle=DETECTION_SETTLE, retries=section["saturate_retries"])
+        section["samples"].append(sample)
         say(f"detection #{turn + 1}: {describe(sample)}")
-    return {"interval_s": DETECTION_INTERVAL_S, "settle_evaluations": DETECTION_SETTLE, "samples": samples}
 
 
 def fanout_section(sizes: list[int], repetitions: int, work: Path) -> dict:
@@ -184,8 +186,8 @@ def metadata(args: argparse.Namespace) -> dict:
         return subprocess.run(["git", *command], capture_output=True, text=True, cwd=REPO).stdout.strip()
 
     changed = git("status", "--porcelain", "--", "src")
-    # Others may edit src/ in this checkout while the benchmark runs; the hash of the diff
-    # tells two runs on different uncommitted code apart.
+    # Others may edit src/ in this checkout while the benchmark runs. The hash of the diff
+    # distinguishes two runs on different uncommitted code.
     diff = subprocess.run(["git", "diff", "HEAD", "--", "src"], capture_output=True, cwd=REPO).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.machine())
     return {
@@ -207,11 +209,17 @@ def clean_leftovers() -> None:
         say(f"removed leftovers of an earlier run: {', '.join(removed + stopped)}")
 
 
-def run_section(results: dict, section: dict, key: str, name: str, action: Callable[[], dict]) -> None:
-    """Run one section into ``section[key]``; a failure goes to results["errors"] and the next section runs."""
+def run_section(results: dict, section: dict, key: str, name: str, action: Callable[[dict], dict | None]) -> None:
+    """Run one section into ``section[key]``. A failure goes to results["errors"], and the next section runs.
+
+    ``action`` either fills the dictionary it is given as it goes or returns its samples.
+    """
     started = time.monotonic()
+    section[key] = {}
     try:
-        section[key] = action()
+        returned = action(section[key])
+        if returned is not None:
+            section[key] = returned
     except Exception as error:  # noqa: BLE001 - one failed section must not lose the others' samples
         results.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
         say(f"{name} failed after {time.monotonic() - started:.0f} s: {type(error).__name__}: {error}")
@@ -248,21 +256,21 @@ def main() -> int:
     lab("reset")
     try:
         clean_leftovers()
-        run_section(results, results, "context", "context", lambda: measure.round_trips(configs.LAB_CONFIG))
+        run_section(results, results, "context", "context", lambda _: measure.round_trips(configs.LAB_CONFIG))
         if "rollout" in args.sections:
             results["rollout"] = {}
             for count in (3, 10):
-                run_section(results, results["rollout"], str(count), f"rollout {count}", lambda count=count: rollout_section(count, args.repetitions, work))
+                run_section(results, results["rollout"], str(count), f"rollout {count}", lambda section, count=count: rollout_section(count, args.repetitions, work, section))
         if "detection" in args.sections:
-            run_section(results, results, "detection", "detection", lambda: detection_section(args.repetitions, work))
+            run_section(results, results, "detection", "detection", lambda section: detection_section(args.repetitions, work, section))
         if "fanout" in args.sections:
-            run_section(results, results, "fanout", "fanout", lambda: fanout_section(args.sizes, args.repetitions, work))
+            run_section(results, results, "fanout", "fanout", lambda _: fanout_section(args.sizes, args.repetitions, work))
         if "watch" in args.sections:
-            run_section(results, results, "watch", "watch", lambda: watch_section(args.watch_evaluations, args.watch_repetitions, work))
+            run_section(results, results, "watch", "watch", lambda _: watch_section(args.watch_evaluations, args.watch_repetitions, work))
 
         figures = report.build_figures(results)
         if any(figure.met is False and "floor" in figure.name for figure in figures):
-            run_section(results, results, "profile", "profile", lambda: profile_rollout(out_dir, work))
+            run_section(results, results, "profile", "profile", lambda _: profile_rollout(out_dir, work))
     finally:
         clean_leftovers()
         lab("reset")

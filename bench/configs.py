@@ -29,10 +29,11 @@ class Gates:
 
 
 # Small deliberate waits: a restarted container must stay up for 250 ms, and batches are
-# 250 ms apart. The lab playbook uses 2 s and 1 s.
-BENCH_GATES = Gates("bench gates", stable_for="250ms", pause_between_batches="250ms", poll_interval="50ms")
+# 250 ms apart. The lab playbook uses 2 s and 1 s. Both bench playbooks poll every 10 ms,
+# as the floor does (measure.FLOOR_POLL_S).
+BENCH_GATES = Gates("bench gates", stable_for="250ms", pause_between_batches="250ms", poll_interval="10ms")
 # No deliberate waits, so the time left is cfheal's own work: restart and readiness polls.
-ZERO_WAITS = Gates("zero waits", stable_for="0s", pause_between_batches="0s", poll_interval="50ms")
+ZERO_WAITS = Gates("zero waits", stable_for="0s", pause_between_batches="0s", poll_interval="10ms")
 
 
 def write_playbook(path: Path, gates: Gates) -> Path:
@@ -77,7 +78,7 @@ def write_config(path: Path, *, playbook: Path, state_dir: Path, hosts: list[dic
 
 
 def fanout_hosts(hosts: list[BenchHost], backends: list[Backend]) -> list[dict]:
-    """Return hosts entries for the bench SSH hosts; each checks the ws-backend of its engine."""
+    """Return hosts entries for the bench SSH hosts. Each one checks the ws-backend of its engine."""
     by_engine = {backend.host.name: backend for backend in backends}
     entries = []
     for host in hosts:

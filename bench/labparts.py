@@ -75,18 +75,18 @@ def extra_container_spec(backend: Backend) -> dict:
 
 
 def start_extra_backends(backends: list[Backend]) -> None:
-    """Create and start the extra containers, then wait until each origin answers 101."""
+    """Create and start the extra containers, then wait until each origin returns 101."""
     for backend in backends:
         api = lab_engine.Engine(backend.host)
         api.request_ok("POST", "/containers/create", query={"name": backend.name}, body=extra_container_spec(backend))
         api.request_ok("POST", f"/containers/{backend.name}/start")
     for backend in backends:
         if not wait_until(lambda: probe(backend.origin, timeout_s=1).upgraded, ORIGIN_START_TIMEOUT_S, 0.1):
-            raise LabError(f"extra backend {backend.name} on {backend.host.name} did not answer 101 on {backend.origin} within {ORIGIN_START_TIMEOUT_S} s")
+            raise LabError(f"extra backend {backend.name} on {backend.host.name} did not return 101 on {backend.origin} within {ORIGIN_START_TIMEOUT_S} s")
 
 
 def remove_extra_backends() -> list[str]:
-    """Remove every container with the benchmark's label from the three engines; return their names."""
+    """Remove every container with the benchmark's label from the three engines and return their names."""
     removed = []
     for host in HOSTS:
         api = lab_engine.Engine(host)
@@ -141,7 +141,7 @@ def start_bench_hosts(hosts: list[BenchHost]) -> None:
 
 
 def stop_bench_hosts(hosts: list[BenchHost]) -> list[str]:
-    """Stop the sshd of every host given; return the names of those that were running."""
+    """Stop the sshd of every host given and return the names of those that were running."""
     stopped = [host.name for host in hosts if lab_sshd.stop_sshd(host)]
     shutil.rmtree(BENCH_RUN_DIR, ignore_errors=True)
     return stopped

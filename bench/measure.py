@@ -1,6 +1,6 @@
 """Single measurements on the lab. Each function drives the lab once and returns seconds.
 
-The caller holds the lab lock and repeats these; nothing here retries a failed measurement.
+The caller holds the lab lock and repeats these. Nothing here retries a failed measurement.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
-    """A measurement could not be taken; the message says which and why."""
+    """A measurement could not be taken. The message names the measurement and the cause."""
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Finished:
 
 
 def run_process(command: list[str], *, timeout: float = RUN_TIMEOUT_S, env: dict | None = None) -> Finished:
-    """Run ``command`` to its end; CPU time is that of the process and of the children it waited for."""
+    """Run ``command`` to its end. CPU time covers the process and the children it waited for."""
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         started = time.monotonic()
         process = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
@@ -77,22 +77,33 @@ def run_process(command: list[str], *, timeout: float = RUN_TIMEOUT_S, env: dict
 
 
 def lab(*args: str) -> str:
-    """Run scripts/lab with ``args`` and return its output; raise BenchError if it fails."""
+    """Run scripts/lab with ``args`` and return its output. Raise BenchError if it fails."""
     result = subprocess.run([str(LAB_SCRIPT), *args], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         raise BenchError(f"scripts/lab {' '.join(args)} exited {result.returncode}: {(result.stderr or result.stdout).strip()[-500:]}")
     return result.stdout
 
 
-def saturate() -> float:
-    """Fill the edge's connection limit; return the wall-clock time when the edge answered 502."""
+def saturate(retries: list[str] | None = None) -> float:
+    """Fill the edge's connection limit and return the wall-clock time when the edge returned 502.
+
+    When the swarm exits while saturate waits for it, saturate runs once more and the first
+    error is appended to ``retries``. A process outside the lab lock that stops the swarm
+    causes that; a second failure raises BenchError.
+    """
     # The swarm stops by itself after 10 minutes should the benchmark die before its reset.
-    lab("saturate", "--max-seconds", "600")
+    try:
+        lab("saturate", "--max-seconds", "600")
+    except BenchError as error:
+        if retries is None or "swarm" not in str(error) or "exited" not in str(error):
+            raise
+        retries.append(str(error))
+        lab("saturate", "--max-seconds", "600")
     return time.time()
 
 
 def log_events(stderr: str) -> list[dict]:
-    """Parse cfheal's JSON log lines; lines of other libraries are skipped."""
+    """Parse cfheal's JSON log lines and skip the lines of other libraries."""
     events = []
     for line in stderr.splitlines():
         if line.startswith("{"):
@@ -122,7 +133,7 @@ def floor_rollout(backends: list[Backend]) -> dict:
         restarted = time.monotonic()
         while not probe(backend.origin, timeout_s=1).upgraded:
             if time.monotonic() - restarted > READY_TIMEOUT_S:
-                raise BenchError(f"floor: {backend.name} on {backend.host.name} did not answer 101 within {READY_TIMEOUT_S} s of its restart")
+                raise BenchError(f"floor: {backend.name} on {backend.host.name} did not return 101 within {READY_TIMEOUT_S} s of its restart")
             time.sleep(FLOOR_POLL_S)
         ready = time.monotonic()
         batches.append({"restart_s": restarted - started, "ready_s": ready - restarted})
@@ -144,8 +155,8 @@ def cfheal_rollout(config: Path) -> dict:
     if report.get("outcome") != "recovered" or rollout.get("outcome") != "completed":
         raise BenchError(f"cfheal run ended {report.get('outcome')} (rollout {rollout.get('outcome')}): {report.get('reason')}")
 
-    # Per batch: batch_started -> container_restarted is the restart request (with the state
-    # read before it); container_restarted -> readiness_gate_passed is the readiness gate.
+    # Per batch, batch_started -> container_restarted is the restart request with the state
+    # read before it, and container_restarted -> readiness_gate_passed is the readiness gate.
     marks: dict[str, dict[int, float]] = defaultdict(dict)
     batch = 0
     for event in log_events(finished.stderr):
@@ -168,7 +179,7 @@ def cfheal_rollout(config: Path) -> dict:
     }
 
 
-def ansible_rollout(work: Path, extra_inventory: Path | None) -> dict:
+def ansible_rollout(work: Path, extra_inventory: Path | None, backends: list[Backend]) -> dict:
     """Run the bench playbook with ansible-playbook, with SSH connections of its own."""
     control_dir = Path(tempfile.mkdtemp(prefix="ansible-cp-", dir=work))
     env = {
@@ -178,21 +189,31 @@ def ansible_rollout(work: Path, extra_inventory: Path | None) -> dict:
         "ANSIBLE_HOME": str(work / "ansible-home"),
         "ANSIBLE_NOCOLOR": "1",
     }
-    command = [str(VENV_BIN / "ansible-playbook"), "-i", str(ANSIBLE_DIR / "inventory.yaml")]
+    # -v prints each task's result as one JSON line, which has wait_for's wait.
+    command = [str(VENV_BIN / "ansible-playbook"), "-v", "-i", str(ANSIBLE_DIR / "inventory.yaml")]
     if extra_inventory is not None:
         command += ["-i", str(extra_inventory)]
     command.append(str(ANSIBLE_DIR / "restart-backends.yaml"))
     try:
         finished = run_process(command, env=env)
     finally:
-        # ControlPersist keeps one SSH master per host alive after the run; their command
-        # lines name the control directory, which is this run's own.
+        # ControlPersist keeps one SSH master per host alive after the run. Their command
+        # lines name the control directory, which belongs to this run alone.
         masters = find_processes([str(control_dir)])
         if masters:
             stop_processes(masters, 5)
     if finished.returncode != 0:
         raise BenchError(f"ansible-playbook exited {finished.returncode}: {finished.stdout.strip()[-800:]} {finished.stderr.strip()[-300:]}")
-    return {"wall_s": finished.wall_s, "cpu_s": finished.cpu_s}
+    # wait_for reports in "elapsed" the whole seconds it waited for the port.
+    waits = []
+    for line in finished.stdout.splitlines():
+        if line.startswith("ok: [") and " => {" in line:
+            result = json.loads(line.split(" => ", 1)[1])
+            if "elapsed" in result and "port" in result:
+                waits.append(result["elapsed"])
+    if len(waits) != len(backends):
+        raise BenchError(f"ansible-playbook output has {len(waits)} wait_for results for {len(backends)} containers")
+    return {"wall_s": finished.wall_s, "cpu_s": finished.cpu_s, "wait_for_elapsed_s": float(sum(waits))}
 
 
 # 3. Detection latency and time to heal.
@@ -219,7 +240,7 @@ class LogFollower:
                 self.changed.notify_all()
 
     def wait_for(self, predicate, timeout: float) -> dict | None:
-        """Wait until an event matches ``predicate``; return the first match or None."""
+        """Wait until an event matches ``predicate``, and return the first match or None."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
@@ -240,21 +261,21 @@ def stop_child(process: subprocess.Popen, timeout: float = 30) -> None:
             process.wait()
 
 
-def detection(config: Path, listen: str, *, interval_s: float, settle: int) -> dict:
+def detection(config: Path, listen: str, *, interval_s: float, settle: int, retries: list[str]) -> dict:
     """Start watch on a healthy lab, saturate the edge, and time the decision and the heal.
 
-    Times count from the moment saturate returned, when the edge had answered 502.
+    Times count from the moment saturate returned, when the edge had returned 502.
     """
     process = subprocess.Popen([*CFHEAL, "watch", "-c", str(config), "--listen", listen], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO)
     follower = LogFollower(process.stderr)
     try:
         if follower.wait_for(lambda event: event.get("event") == "diagnosis_made" and event.get("diagnosis") == "healthy", 30) is None:
             raise BenchError("detection: watch made no healthy evaluation within 30 s of starting")
-        refused_at = saturate()
+        refused_at = saturate(retries)
 
         while not probe(EDGE_URL, timeout_s=1).upgraded:
             if time.time() - refused_at > 120:
-                raise BenchError("detection: the edge did not answer 101 within 120 s of saturating")
+                raise BenchError("detection: the edge did not return 101 within 120 s of saturating")
             time.sleep(EDGE_POLL_S)
         healed_at = time.time()
 
@@ -284,7 +305,7 @@ def detection(config: Path, listen: str, *, interval_s: float, settle: int) -> d
 class ConnectionSampler:
     """Samples established client connections to port 2222 with ss, per destination address."""
 
-    def __init__(self, addresses: set[str], period_s: float = 0.02) -> None:
+    def __init__(self, addresses: set[str], period_s: float = 0.05) -> None:
         self.addresses = addresses
         self.period_s = period_s
         self.max_concurrent: dict[str, int] = defaultdict(int)
@@ -319,10 +340,11 @@ class ConnectionSampler:
 
 
 def fanout_check(config: Path, addresses: set[str], *, sshd_pids: list[int], dockerd_pids: list[int]) -> dict:
-    """Run ``cfheal check`` once; count its SSH connections per host while it runs.
+    """Run ``cfheal check`` once and count its SSH connections per host while it runs.
 
-    CPU time is split three ways: cfheal itself; the hosts' sshd listeners with the session
-    processes they reaped (sshd, the login shell, the docker CLI); and the Docker engines.
+    CPU time is split three ways. The first part is cfheal itself. The second is the hosts'
+    sshd listeners with the session processes they reaped (sshd, the login shell, the docker
+    CLI). The third is the Docker engines.
     """
     busy_before = _cpu_busy_ticks()
     sshd_before, dockerd_before = _process_cpu(sshd_pids), _process_cpu(dockerd_pids)
@@ -439,7 +461,7 @@ def watch_at_rest(config: Path, listen: str, evaluations: int, *, period_s: floa
     def count_evaluations() -> None:
         nonlocal count
         for line in process.stderr:
-            # A substring test keeps this thread cheap; it shares the two cores with watch.
+            # A substring test keeps this thread cheap, because it shares the CPUs with watch.
             if '"diagnosis_made"' in line:
                 count += 1
             elif '"level": "error"' in line and len(errors) < 5:

@@ -3,8 +3,8 @@
 Usage: profile_rollout.py CONFIG OUTPUT_PREFIX
 
 pyinstrument samples only the thread that started it, and execute_rollout runs each batch
-on a thread pool. With batches of one container the pool has one worker, so this script
-runs the batches on the calling thread instead; the work done is the same. It restarts
+on a thread pool. With batches of one container the pool has one worker. This script
+therefore runs the batches on the calling thread, which does the same work. It restarts
 every container in the configuration, as ``cfheal run`` would, without detect, verify or
 confirm, and writes OUTPUT_PREFIX.txt (the call tree), OUTPUT_PREFIX.html and
 OUTPUT_PREFIX.log (cfheal's log events).

@@ -54,7 +54,7 @@ def _ratios(numerators: list[dict], key: str, denominators: list[dict], base_key
 
 
 def rollout_figures(count: str, section: dict) -> list[Figure]:
-    samples = section["samples"]
+    samples = section.get("samples", {})
     floor, ansible = samples.get("floor", []), samples.get("ansible", [])
     figures = []
     for variant, label in (("cfheal_bench_gates", "bench gates"), ("cfheal_zero_waits", "zero waits")):
@@ -73,6 +73,8 @@ def rollout_figures(count: str, section: dict) -> list[Figure]:
             Summary.of(_values(runs, "phase_s")), Summary.of(_values(ansible, "wall_s")), "ansible-playbook",
             ratio, "≤ 0.5", ratio is not None and ratio.median <= 0.5,
         ))
+    if ansible and "wait_for_elapsed_s" in ansible[0]:
+        figures.append(Figure(f"Rollout, {count} backends, Ansible: seconds wait_for waited, summed", "s", Summary.of(_values(ansible, "wait_for_elapsed_s"))))
     runs = samples.get("cfheal_bench_gates", [])
     figures.append(Figure(
         f"Rollout, {count} backends, whole cfheal run (bench gates) vs Ansible", "s",
@@ -197,7 +199,9 @@ def markdown_table(figures: list[Figure]) -> str:
     ]
     for figure in figures:
         baseline = f"{figure.baseline_name}: {_format(figure.baseline, figure.unit)}" if figure.baseline else ""
-        met = "" if figure.met is None else ("yes" if figure.met else "**no**")
+        met = ""
+        if figure.met is not None:
+            met = "yes" if figure.met else "**no**"
         lines.append(f"| {figure.name} | {_format(figure.measured, figure.unit)} | {baseline} | {_format(figure.ratio, '')} | {figure.goal} | {met} |")
     return "\n".join(lines) + "\n"
 
@@ -227,7 +231,7 @@ def write_chart(path: Path, results: dict) -> None:
     figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     labels, summaries = [], []
     for count, section in results.get("rollout", {}).items():
-        samples = section["samples"]
+        samples = section.get("samples", {})
         for name, key in (("floor", "total_s"), ("cfheal_zero_waits", "rollout_s"), ("cfheal_bench_gates", "rollout_s"), ("cfheal_bench_gates", "phase_s"), ("ansible", "wall_s")):
             label = {"total_s": "floor", "phase_s": "cfheal phase"}.get(key, name.replace("cfheal_", "cfheal ").replace("_", " "))
             labels.append(f"{count}: {label}")
