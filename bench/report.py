@@ -253,6 +253,8 @@ def write_chart(path: Path, results: dict) -> None:
         samples = [sample for sample in run["samples"] if sample["evaluations"] > 0]
         axis.plot([sample["evaluations"] for sample in samples], [sample["rss_kib"] / 1024 for sample in samples], color="#4C72B0")
         axis.axvline(run["early"]["evaluations"], color="grey", linestyle=":")
+        # From zero, so that a growth of a few KiB does not look like a leak.
+        axis.set_ylim(0, max(sample["rss_kib"] for sample in samples) / 1024 * 1.1)
     axis.set_xlabel("evaluations")
     axis.set_ylabel("RSS (MiB)")
     axis.set_title("cfheal watch at rest: RSS", fontsize=10)
