@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -22,7 +23,7 @@ from .config import Config, load_config
 from .controller import Controller, RunReport, is_fault, start_report
 from .errors import CfhealError, ConfigError
 from .policy import Plan, Playbook, load_playbook
-from .state import Store, run_lock
+from .state import LockHeld, Store, run_lock
 from .metrics import Metrics
 from .notify import Notifier
 from .triggers import TriggerServer
@@ -70,6 +71,8 @@ def check(config_path: Path, output: str) -> None:
         controller.close()
     report.outcome = "checked"
     report.reason = report.diagnosis.reason
+    # Without a finish time, a later history or watch would report this check as a dead run.
+    report.finished_at = report.finished_at or datetime.now(UTC).isoformat(timespec="seconds")
     _save(config, report)
 
     _show(console, report, output)
@@ -106,8 +109,14 @@ def run(config_path: Path, output: str, dry_run: bool, yes: bool) -> None:
         if dry_run:
             _guard(lambda: controller.run(report, dry_run=True, confirm=confirm, should_stop=stop.is_set))
         else:
-            with _stop_on_interrupt(stop, console), run_lock(config.state_dir):
-                _guard(lambda: controller.run(report, dry_run=False, confirm=confirm, should_stop=stop.is_set))
+            try:
+                with _stop_on_interrupt(stop, console), run_lock(config.state_dir):
+                    _guard(lambda: controller.run(report, dry_run=False, confirm=confirm, should_stop=stop.is_set))
+            except LockHeld as error:
+                report.outcome, report.reason = "aborted", f"nothing was done: {error}"
+                report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+                _save(config, report)
+                _fail(str(error), EXIT_FAULT)
     finally:
         controller.close()
     _save(config, report)
